@@ -1,0 +1,1 @@
+"""contrastive_jax: contrastive pretraining in JAX/Flax."""

@@ -1,0 +1,39 @@
+"""Packaging for contrastive_jax.
+
+Minimum versions are the oldest releases whose APIs we use (checked on the versions in the
+README's tested list); TensorFlow is deliberately absent from the core requirements: datasets
+are array_record files read through ``tfds.data_source`` and images are decoded with PIL.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="contrastive_jax",
+    version="0.1.0",
+    description="Contrastive pretraining (CLIP, SigLIP, LiT, SimCLR, N-modality) in JAX/Flax at any scale.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["contrastive_jax", "contrastive_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7.0",
+        "flax>=0.11.0",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11.20",
+        "tensorflow-datasets>=4.9.9",
+        "grain>=0.2.12",
+        "ml_collections>=1.1.0",
+        "chex>=0.1.90",
+        "numpy>=1.26",
+        "pillow>=10.0",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6.2",
+        "array_record>=0.7.0",
+        "psutil>=5.9",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+        "tf": ["tensorflow>=2.16"],
+        "torch": ["torch>=2.2"],
+    },
+    entry_points={"console_scripts": ["contrastive-jax=contrastive_jax.cli:main"]},
+)
