@@ -1,0 +1,19 @@
+"""Evaluation: zero-shot classification, image↔text retrieval, batched encoding.
+
+Pure numpy functions on embeddings plus :func:`evaluate_two_tower`, which takes the caller's
+(jitted, sharded) ``encode_image`` / ``encode_text`` functions.
+"""
+from contrastive_jax.evaluate.encode import encode_in_batches
+from contrastive_jax.evaluate.metrics import retrieval_metrics, true_item_ranks, zero_shot_accuracy
+from contrastive_jax.evaluate.two_tower import evaluate_two_tower
+from contrastive_jax.evaluate.zero_shot import l2_normalize_np, zero_shot_class_embeddings
+
+__all__ = [
+    "encode_in_batches",
+    "evaluate_two_tower",
+    "l2_normalize_np",
+    "retrieval_metrics",
+    "true_item_ranks",
+    "zero_shot_accuracy",
+    "zero_shot_class_embeddings",
+]
