@@ -122,6 +122,9 @@ def default_config() -> ConfigDict:
     c.train.batch_size = 256  # global batch, across all processes
     c.train.total_steps = 1000
     c.train.log_every_steps = 50
+    # Stop this invocation after this many steps (with a checkpoint) even if total_steps is not
+    # reached; re-running resumes. For fixed-length job slots. -1: no limit.
+    c.train.max_steps_per_run = -1
 
     # --- Evaluation ------------------------------------------------------------------------
     c.eval = ConfigDict()

@@ -1,0 +1,35 @@
+"""Quickstart: a small CLIP on the built-in `shapes` dataset, a few minutes on a 2-core CPU.
+
+    contrastive-jax train --config configs/quickstart.py --workdir runs/quickstart
+
+Variants: `configs/quickstart.py:tiny` (a seconds-long smoke run used by the tests).
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.mesh = [("data", -1)]
+    c.data = dict(name="shapes", image_size=64, num_train=20000, num_validation=1000, num_test=2000)
+    c.model = dict(
+        embed_dim=128,
+        image=dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512, pool="gap"),
+        text=dict(width=128, depth=2, num_heads=4, mlp_dim=512, causal=True),
+    )
+    c.loss = dict(name="softmax", impl="chunked", block_size=128)
+    c.optim = dict(lr=1e-3, warmup_steps=100, weight_decay=0.1)
+    c.train = dict(batch_size=128, total_steps=1500, log_every_steps=25)
+    c.eval = dict(every_steps=500, batch_size=256)
+    c.checkpoint = dict(every_steps=100, keep=2)
+    if arg == "tiny":
+        c.data.update(image_size=32, num_train=512, num_validation=64, num_test=128)
+        c.model.update(embed_dim=32)
+        c.model.image.update(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64)
+        c.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64)
+        c.train.update(batch_size=32, total_steps=20, log_every_steps=5)
+        c.eval.update(every_steps=10, batch_size=64)
+        c.checkpoint.update(every_steps=5, keep=2)
+    elif arg is not None:
+        raise ValueError(f"unknown quickstart variant {arg!r}; known: tiny")
+    return c

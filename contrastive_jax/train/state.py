@@ -1,0 +1,85 @@
+"""The training state pytree and its creation directly in its sharded layout."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from contrastive_jax.parallel.sharding import tree_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training, as one pytree (checkpointed whole).
+
+    Attributes:
+      step: int32 scalar, number of updates applied.
+      params: the model's parameter pytree (float32, unboxed).
+      opt_state: the optax state for ``params``.
+      rng: uint32 [2] raw PRNG key; per-step keys are ``fold_in(rng, step)`` so a resumed run
+        draws the same randomness as an uninterrupted one.
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def state_shardings(abstract_state: TrainState, tx: optax.GradientTransformation, rules: Sequence, mesh: Mesh) -> TrainState:
+    """NamedShardings for every leaf of the state: params by ``rules``, optimizer moments like
+    the parameters they track, everything else (step, counts, rng) replicated."""
+    replicated = NamedSharding(mesh, P())
+    params_sh = tree_shardings(abstract_state.params, rules, mesh)
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, sh: sh,
+        abstract_state.opt_state,
+        params_sh,
+        transform_non_params=lambda _: replicated,
+    )
+    return TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    sample_inputs: Sequence[jax.Array],
+    *,
+    seed: int,
+    rules: Sequence,
+    mesh: Mesh,
+) -> tuple[TrainState, TrainState]:
+    """Initializes the state already sharded: shapes from ``jax.eval_shape``, then one jitted init
+    with ``out_shardings`` so no device ever holds an unsharded copy of the parameters.
+
+    Args:
+      sample_inputs: arrays with the per-example shapes/dtypes the model is applied to (a batch
+        of 1 is enough); only their shapes are used.
+
+    Returns:
+      ``(state, shardings)``.
+    """
+    samples = [jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype) for x in sample_inputs]
+
+    def init(rng):
+        init_rng, state_rng = jax.random.split(rng)
+        zeros = [jnp.zeros(s.shape, s.dtype) for s in samples]
+        params = nn.meta.unbox(model.init(init_rng, *zeros)["params"])
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(state_rng) if jnp.issubdtype(state_rng.dtype, jax.dtypes.prng_key) else state_rng,
+        )
+
+    rng = jax.random.PRNGKey(seed)
+    abstract = jax.eval_shape(init, rng)
+    shardings = state_shardings(abstract, tx, rules, mesh)
+    state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings
