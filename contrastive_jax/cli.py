@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(rest)
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if logging.getLogger().level > logging.INFO:
+        # tfds/absl warn about things that are expected here (custom builder configs, PIL
+        # instead of OpenCV); keep the terminal for our own progress and results.
+        logging.getLogger("absl").setLevel(logging.ERROR)
 
     from contrastive_jax.train.config import ConfigError, load_config
 

@@ -18,8 +18,8 @@ COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
 NOMINAL_RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
                "yellow": (235, 215, 40), "purple": (145, 60, 190), "orange": (245, 140, 30)}
 SIZE_WORDS = {"small": {"small", "tiny", "little"}, "large": {"large", "big"}}
-ROW_WORDS = [{"top", "upper"}, {"middle", "center"}, {"bottom", "lower"}]
-COL_WORDS = [{"left"}, {"center", "middle"}, {"right"}]
+ROW_WORDS = [{"top", "upper"}, {"bottom", "lower"}]
+COL_WORDS = [{"left"}, {"right"}]
 
 
 def _config(data_dir, **overrides):
@@ -160,7 +160,7 @@ def test_held_out_combinations(records):
 def test_attribute_names_and_prompts():
     assert shapes.ATTRIBUTES["kind"] == KINDS and shapes.ATTRIBUTES["color"] == COLORS
     assert shapes.ATTRIBUTES["size"] == ["small", "large"]
-    assert len(shapes.ATTRIBUTES["position"]) == 9
+    assert len(shapes.ATTRIBUTES["position"]) == shapes.GRID ** 2 >= 4
     assert len(shapes.CAPTION_TEMPLATES) >= 6
     for attr, templates in shapes.ZERO_SHOT_TEMPLATES.items():
         assert len(templates) >= 3 and all(t.count("{}") == 1 for t in templates)
@@ -176,11 +176,10 @@ def test_labels_agree_with_caption_words(records):
             size_words = [w for w in words if w in SIZE_WORDS["small"] | SIZE_WORDS["large"]]
             assert len(size_words) == 1
             assert size_words[0] in SIZE_WORDS[shapes.ATTRIBUTES["size"][r["size"]]]
-            row, col = divmod(r["position"], 3)
+            row, col = divmod(r["position"], shapes.GRID)
             pos_words = set(words) - set(KINDS) - set(COLORS) - SIZE_WORDS["small"] - SIZE_WORDS["large"]
             place = pos_words & {"top", "upper", "middle", "center", "bottom", "lower", "left", "right"}
-            expected_row = ROW_WORDS[row] if (row, col) != (1, 1) else {"center"}
-            expected_col = COL_WORDS[col] if (row, col) != (1, 1) else {"center"}
+            expected_row, expected_col = ROW_WORDS[row], COL_WORDS[col]
             assert place & expected_row and place & expected_col, (r["caption"], r["position"])
             assert place <= expected_row | expected_col, (r["caption"], r["position"])
             # The caption is its template filled in.
@@ -202,9 +201,9 @@ def test_images_show_the_labelled_colour_position_and_size(records):
         assert names[np.argmin(((nominal - mean_rgb) ** 2).sum(-1))] == COLORS[r["color"]]
         ys, xs = np.nonzero(mask)
         cy, cx = (ys.min() + ys.max() + 1) / 2, (xs.min() + xs.max() + 1) / 2
-        row, col = divmod(r["position"], 3)
+        row, col = divmod(r["position"], shapes.GRID)
         for centre, want in ((cy, row), (cx, col)):
-            got = 0 if centre < 0.4 * s else (2 if centre > 0.6 * s else 1)
+            got = int(centre >= s / 2)
             assert got == want, (r["caption"], cy, cx)
         extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
         assert (extent > 0.34 * s) == (r["size"] == 1), (r["caption"], extent)
@@ -333,3 +332,21 @@ def test_worker_processes_give_the_same_stream(cfg, tok):
 def test_no_tensorflow_imported(records, cfg, tok):
     _take(_iterator(cfg, tok, 8), 1)
     assert "tensorflow" not in sys.modules
+
+
+def test_ensemble_prompts_name_their_class_and_marginalize_the_others():
+    from contrastive_jax.data.tokenizer import build_tokenizer
+    import ml_collections
+
+    tok = build_tokenizer(ml_collections.ConfigDict(dict(name="shapes", max_text_len=16)))
+    for attr, names in shapes.ATTRIBUTES.items():
+        prompts = shapes.ensemble_prompts(attr)
+        assert len(prompts) == len(names)
+        others = int(np.prod([len(v) for a, v in shapes.ATTRIBUTES.items() if a != attr]))
+        for name, per_class in zip(names, prompts):
+            assert len(per_class) == len(shapes.CAPTION_TEMPLATES) * others
+            assert all(name in p for p in per_class)
+            # Nothing falls out of the vocabulary, and nothing is truncated.
+            ids = tok.encode(per_class)
+            assert not np.any(ids == tok.unk_id)
+            assert np.all(tok.eos_positions(ids) < tok.max_len)

@@ -251,3 +251,24 @@ def test_retrieval_groups_count_identical_captions_as_hits():
     # Without groups, identical captions are ties against the true one: strictly lower recall.
     plain = retrieval_metrics(image, text, ks=(1,))
     assert plain["image_to_text/R@1"] < got["image_to_text/R@1"]
+
+
+def test_prompt_class_embeddings_ragged_and_prompts_override_templates():
+    rng = np.random.default_rng(6)
+    proj = rng.normal(size=(20, 6)).astype(np.float32)
+    encode_text = lambda tokens: proj[tokens].sum(axis=1)  # noqa: E731
+    prompts = [["a red shape"], ["a green shape", "the green one", "green"], ["blue", "the blue one"]]
+    out = evaluate.prompt_class_embeddings(encode_text, TOKENIZER, prompts, batch_size=4)
+    for c, per_class in enumerate(prompts):
+        embs = encode_text(TOKENIZER.encode(per_class))
+        mean = (embs / np.linalg.norm(embs, axis=1, keepdims=True)).mean(axis=0)
+        np.testing.assert_allclose(out[c], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
+    # evaluate_two_tower uses given prompts instead of templates: prompts that name the WRONG
+    # colour (rotated by one) turn perfect one-hot accuracy into zero.
+    data = make_eval_data(np.random.default_rng(0), 30)
+    rotated = {"color": [[f"a {COLORS[(c + 1) % 3]} shape"] for c in range(3)]}
+    res = evaluate.evaluate_two_tower(
+        one_hot_image_encoder(8), one_hot_text_encoder(8), data, tokenizer=TOKENIZER,
+        class_names={"color": COLORS}, templates=TEMPLATES, batch_size=8, prompts=rotated,
+    )
+    assert res["zeroshot/color/top1"] == 0.0

@@ -24,6 +24,8 @@ class DatasetEntry:
       label_keys: int label fields of each example, carried into batches.
       class_names: label key -> class names (index = label value), for zero-shot evaluation.
       zero_shot_templates: label key -> prompt templates with one ``{}`` for the class name.
+      zero_shot_prompts: optional ``label key -> [C][T] prompts``; where given, evaluation uses
+        these ready-made prompts instead of ``zero_shot_templates``.
     """
 
     prepare: Callable[[Any], Mapping[str, Any]]
@@ -31,6 +33,7 @@ class DatasetEntry:
     label_keys: tuple[str, ...] = ()
     class_names: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
     zero_shot_templates: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)
+    zero_shot_prompts: Callable[[str], list[list[str]]] | None = None
 
 
 _DATASETS: dict[str, DatasetEntry] = {
@@ -40,6 +43,7 @@ _DATASETS: dict[str, DatasetEntry] = {
         label_keys=("kind", "color", "size", "position"),
         class_names=shapes.ATTRIBUTES,
         zero_shot_templates=shapes.ZERO_SHOT_TEMPLATES,
+        zero_shot_prompts=shapes.ensemble_prompts,
     ),
 }
 
@@ -70,11 +74,16 @@ def build_dataset(data_config) -> dict[str, Any]:
 
 
 def dataset_info(data_config) -> dict[str, Any]:
-    """What evaluation needs to know about ``config.data.name``: ``class_names`` and
-    ``templates`` (label key -> list), and ``label_keys``."""
+    """What evaluation needs to know about ``config.data.name``: ``class_names``,
+    ``templates`` (label key -> list), ``prompts`` (label key -> [C][T], possibly empty) and
+    ``label_keys``."""
     entry = get_dataset(data_config.name)
+    prompts = {}
+    if entry.zero_shot_prompts is not None:
+        prompts = {k: entry.zero_shot_prompts(k) for k in entry.class_names}
     return {
         "class_names": {k: list(v) for k, v in entry.class_names.items()},
         "templates": {k: list(v) for k, v in entry.zero_shot_templates.items()},
+        "prompts": prompts,
         "label_keys": tuple(entry.label_keys),
     }

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import itertools
 import os
 import re
 from typing import Any, Iterator
@@ -39,12 +40,15 @@ ATTRIBUTES: dict[str, list[str]] = {
     "kind": ["circle", "square", "triangle", "star", "cross", "diamond"],
     "color": ["red", "green", "blue", "yellow", "purple", "orange"],
     "size": ["small", "large"],
-    "position": [
-        "top left", "top center", "top right",
-        "middle left", "center", "middle right",
-        "bottom left", "bottom center", "bottom right",
-    ],
+    # A 2x2 grid (index = row * GRID + col). Few cells on purpose: with 6 colours x 2 sizes x 4
+    # positions = 48 cells, a batch of 256 holds ~5 images per image that differ from it ONLY in
+    # kind, which is what forces the image tower to learn shape kind quickly (with a 3x3 grid a
+    # small CLIP solved most of the batch from colour/size/position and left kind at chance).
+    "position": ["top left", "top right", "bottom left", "bottom right"],
 }
+
+#: Side of the square grid of positions.
+GRID = 2
 
 #: Surface forms a caption may use for a class name (the class name itself comes first and is
 #: the most frequent). Synonyms are deliberately few: enough that captions are not one fixed
@@ -97,6 +101,27 @@ def zero_shot_prompts(attribute: str) -> list[list[str]]:
     """
     return [[fix_articles(t.format(name)) for t in ZERO_SHOT_TEMPLATES[attribute]]
             for name in ATTRIBUTES[attribute]]
+
+
+def ensemble_prompts(attribute: str) -> list[list[str]]:
+    """Prompt ensemble per class of ``attribute`` (CLIP-style prompt ensembling, Radford et al.
+    2021 §3.1.4): the class name in every caption template, with every value of the OTHER
+    attributes, e.g. for kind=circle "a small red circle in the top left", ... — [C][T] strings.
+
+    Why not one-attribute prompts ("a circle")? Every training caption names all four
+    attributes, so a partial description is out of the text tower's distribution; averaging
+    full captions over the other attributes marginalizes them out instead.
+    """
+    others = [a for a in ATTRIBUTES if a != attribute]
+    out = []
+    for name in ATTRIBUTES[attribute]:
+        prompts = []
+        for template in CAPTION_TEMPLATES:
+            for values in itertools.product(*(ATTRIBUTES[o] for o in others)):
+                slots = dict(zip(others, values), **{attribute: name})
+                prompts.append(fix_articles(template.format(**slots)))
+        out.append(prompts)
+    return out
 
 
 SPLITS = ("train", "validation", "test")
@@ -222,13 +247,16 @@ def render_example(
 
     lo, hi = _RADIUS_FRACTION[size_name]
     radius = rng.uniform(lo, hi) * s
-    # Centres lie on a 3x3 lattice spanning the area the shape can occupy without clipping;
-    # the jitter is a fraction of the lattice spacing so neighbouring positions never overlap.
+    # Centres lie on a GRID x GRID lattice inside the area the shape can occupy without
+    # clipping, inset by the jitter amplitude so jitter never pushes a shape off the canvas;
+    # the jitter (< half the spacing) never makes neighbouring positions overlap.
     margin = 1.08 * radius + 0.03 * s
-    spacing = (s - 2 * margin) / 2
-    row, col = divmod(position, 3)
-    cx = margin + col * spacing + rng.uniform(-0.22, 0.22) * spacing
-    cy = margin + row * spacing + rng.uniform(-0.22, 0.22) * spacing
+    jitter = 0.15 * (s - 2 * margin)
+    inner = margin + jitter
+    spacing = (s - 2 * inner) / (GRID - 1)
+    row, col = divmod(position, GRID)
+    cx = inner + col * spacing + rng.uniform(-1.0, 1.0) * jitter
+    cy = inner + row * spacing + rng.uniform(-1.0, 1.0) * jitter
 
     angle = np.deg2rad(rng.uniform(-1.0, 1.0) * _MAX_ROTATION[kind_name])
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
@@ -339,8 +367,8 @@ def make_config(image_size: int = 64, num_train: int = 20000, num_validation: in
 class Shapes(tfds.core.GeneratorBasedBuilder):
     """TFDS builder of the ``shapes`` dataset (array_record; read without TensorFlow)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release (3x3 positions).", "2.0.0": "2x2 positions."}
     BUILDER_CONFIGS = [make_config()]
 
     @tfds.core.utils.classproperty

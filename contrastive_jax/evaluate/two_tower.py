@@ -7,7 +7,7 @@ import numpy as np
 
 from contrastive_jax.evaluate.encode import encode_in_batches
 from contrastive_jax.evaluate.metrics import retrieval_metrics, zero_shot_accuracy
-from contrastive_jax.evaluate.zero_shot import l2_normalize_np, zero_shot_class_embeddings
+from contrastive_jax.evaluate.zero_shot import l2_normalize_np, prompt_class_embeddings, zero_shot_class_embeddings
 
 DEFAULT_TEMPLATES = ("{}",)
 
@@ -23,6 +23,7 @@ def evaluate_two_tower(
     batch_size: int,
     recall_ks: Sequence[int] = (1, 5),
     zero_shot_ks: Sequence[int] = (1, 5),
+    prompts: Mapping[str, Sequence[Sequence[str]]] | None = None,
 ) -> dict[str, float]:
     """Zero-shot accuracy for each labelled attribute and image↔text retrieval.
 
@@ -35,6 +36,9 @@ def evaluate_two_tower(
       tokenizer: ``encode(list[str]) -> np.int32 [M, L]``.
       class_names: attribute -> class names, index = label value.
       templates: attribute -> prompt templates; an attribute without an entry uses ``'{}'``.
+      prompts: optional attribute -> ready-made prompts per class (``[C][T_c]`` strings); where
+        given, they replace ``templates`` for that attribute (e.g. prompt ensembles that fill the
+        other slots of a caption template with every value).
       batch_size: rows per encoder call (the last batch is padded).
       recall_ks / zero_shot_ks: k's for retrieval recall and zero-shot top-k (k larger than the
         candidate count is skipped).
@@ -54,9 +58,14 @@ def evaluate_two_tower(
         labels = np.asarray(eval_data[attr])
         if labels.shape != (n,):
             raise ValueError(f"labels {attr!r} must be [{n}], got shape {labels.shape}")
-        class_emb = zero_shot_class_embeddings(
-            encode_text, tokenizer, list(names), list(templates.get(attr, DEFAULT_TEMPLATES)), batch_size
-        )
+        if prompts and attr in prompts:
+            if len(prompts[attr]) != len(names):
+                raise ValueError(f"prompts[{attr!r}] has {len(prompts[attr])} classes, class_names has {len(names)}")
+            class_emb = prompt_class_embeddings(encode_text, tokenizer, prompts[attr], batch_size)
+        else:
+            class_emb = zero_shot_class_embeddings(
+                encode_text, tokenizer, list(names), list(templates.get(attr, DEFAULT_TEMPLATES)), batch_size
+            )
         acc = zero_shot_accuracy(image_emb, class_emb, labels, ks=zero_shot_ks)
         for key, value in acc.items():
             if np.ndim(value) == 0:  # the per-class array is not a scalar metric

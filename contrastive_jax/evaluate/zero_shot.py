@@ -36,8 +36,28 @@ def zero_shot_class_embeddings(
         raise ValueError("class_names is empty")
     if not templates:
         raise ValueError("templates is empty")
-    texts = [template.format(name) for name in class_names for template in templates]  # class-major
+    prompts = [[template.format(name) for template in templates] for name in class_names]
+    return prompt_class_embeddings(encode_text, tokenizer, prompts, batch_size)
+
+
+def prompt_class_embeddings(
+    encode_text: Callable,
+    tokenizer,
+    prompts: Sequence[Sequence[str]],
+    batch_size: int,
+) -> np.ndarray:
+    """Like :func:`zero_shot_class_embeddings` for ready-made prompts, ``prompts[c]`` being class
+    ``c``'s list (classes may have different numbers of prompts).
+
+    Returns:
+      ``[C, D]`` float32, unit L2 norm: per class, the normalized mean of its normalized prompt
+      embeddings.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every class needs at least one prompt")
+    texts = [t for per_class in prompts for t in per_class]
     tokens = np.asarray(tokenizer.encode(texts))
-    emb = l2_normalize_np(encode_in_batches(encode_text, tokens, batch_size))  # [C*T, D]
-    emb = emb.reshape(len(class_names), len(templates), -1).mean(axis=1)
-    return l2_normalize_np(emb)
+    emb = l2_normalize_np(encode_in_batches(encode_text, tokens, batch_size))  # [sum T_c, D]
+    bounds = np.cumsum([0] + [len(p) for p in prompts])
+    means = np.stack([emb[a:b].mean(axis=0) for a, b in zip(bounds[:-1], bounds[1:])])
+    return l2_normalize_np(means)

@@ -107,6 +107,7 @@ def run_evaluation(params, encoders, eval_data, tokenizer, dataset_info, config,
         tokenizer=tokenizer,
         class_names=dataset_info["class_names"],
         templates=dataset_info["templates"],
+        prompts=dataset_info["prompts"],
         batch_size=int(config.eval.batch_size),
         recall_ks=tuple(config.eval.recall_ks),
     )
