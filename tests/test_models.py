@@ -270,3 +270,37 @@ def test_text_longer_than_context_is_rejected(fp32):
     texts = np.ones((2, TEXT_LEN + EXTRA_PAD + 1), np.int32)
     with pytest.raises(ValueError, match="context length"):
         model.apply({"params": params}, texts, method="encode_text")
+
+
+def test_sincos_posemb_formula_and_no_param():
+    from contrastive_jax.models.vit import sincos_2d_posemb
+
+    pe = np.asarray(sincos_2d_posemb(3, 4, 8))
+    assert pe.shape == (12, 8)
+    # Hand formula: omega = 1 / 10000 ** (k / (D/4 - 1)), k = 0..D/4-1; row-major (y, x) grid.
+    omega = 1.0 / 10000.0 ** (np.arange(2) / 1.0)
+    for idx, (y, x) in enumerate((y, x) for y in range(3) for x in range(4)):
+        want = np.concatenate([np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)])
+        np.testing.assert_allclose(pe[idx], want, atol=1e-6)
+    assert len({tuple(np.round(r, 5)) for r in pe}) == 12  # every position distinguishable
+
+
+@pytest.mark.parametrize("stem, posemb", [("conv", "learn"), ("conv", "sincos2d"), ("patch", "sincos2d")])
+def test_vit_stem_and_posemb_options(stem, posemb):
+    from contrastive_jax.models.vit import VisionTransformer
+
+    vit = VisionTransformer(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64, stem=stem, posemb=posemb)
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    variables = vit.init(jax.random.key(1), images)
+    params = variables["params"]
+    assert ("pos_embedding" in params) == (posemb == "learn")
+    assert any(k.startswith("stem_") for k in params) == (stem == "conv")
+    if stem == "conv":
+        assert sorted(k for k in params if k.startswith("stem_")) == ["stem_0", "stem_1", "stem_2"]  # log2(8)
+    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.Partitioned)):
+        assert isinstance(leaf, nn.Partitioned) and len(leaf.names) == leaf.value.ndim
+    out = vit.apply(variables, images)
+    assert out.shape == (2, 32) and np.all(np.isfinite(np.asarray(out)))
+    # The position embedding makes the tower position-aware: a shifted image gives other features.
+    shifted = jnp.roll(images, 8, axis=2)
+    assert not np.allclose(np.asarray(vit.apply(variables, shifted)), np.asarray(out), atol=1e-4)

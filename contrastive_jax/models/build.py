@@ -28,6 +28,8 @@ def _build_vit(cfg, dtype) -> nn.Module:
         num_heads=cfg.num_heads,
         mlp_dim=cfg.mlp_dim,
         pool=cfg.get("pool", "gap"),
+        posemb=cfg.get("posemb", "learn"),
+        stem=cfg.get("stem", "patch"),
         dtype=dtype,
     )
 

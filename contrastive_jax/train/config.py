@@ -85,6 +85,8 @@ def default_config() -> ConfigDict:
     c.model.image.num_heads = 4
     c.model.image.mlp_dim = 512
     c.model.image.pool = "gap"  # 'gap' | 'cls'
+    c.model.image.posemb = "learn"  # 'learn' | 'sincos2d' (fixed)
+    c.model.image.stem = "patch"  # 'patch' (linear p x p) | 'conv' (3x3 stride-2 convs)
     c.model.image.extra = ConfigDict()
     c.model.text = ConfigDict()
     c.model.text.name = "transformer"
