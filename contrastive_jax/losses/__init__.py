@@ -1,0 +1,13 @@
+"""Contrastive losses (pure functions on global [B, D] embeddings).
+
+``softmax_contrastive_loss`` (CLIP) and ``sigmoid_contrastive_loss`` (SigLIP), each with
+``impl="dense" | "chunked" | "ring"``.
+"""
+from contrastive_jax.losses.contrastive import (
+    DEFAULT_BLOCK_SIZE,
+    IMPLS,
+    sigmoid_contrastive_loss,
+    softmax_contrastive_loss,
+)
+
+__all__ = ["softmax_contrastive_loss", "sigmoid_contrastive_loss", "IMPLS", "DEFAULT_BLOCK_SIZE"]

@@ -1,0 +1,180 @@
+"""Contrastive losses: every implementation and option against a float64 numpy reference.
+
+The reference (``np_softmax`` / ``np_sigmoid``) is written from the formulas with hand-derived
+gradients, independent of the library code.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from contrastive_jax.losses import sigmoid_contrastive_loss, softmax_contrastive_loss
+
+RTOL = 1e-5
+
+
+# ------------------------------------------------------------------------------------------
+# float64 numpy references (value + gradients w.r.t. x, y, scale vector, bias vector)
+# ------------------------------------------------------------------------------------------
+
+
+def _lse(a, axis):
+    m = np.max(a, axis=axis, keepdims=True)
+    return np.squeeze(m, axis) + np.log(np.sum(np.exp(a - m), axis=axis))
+
+
+def np_softmax(x, y, s, *, weights=None, eps=0.0, bidirectional=True):
+    """Returns (loss, dx, dy, ds_vector, metrics) in float64."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    B = x.shape[0]
+    s = np.broadcast_to(np.asarray(s, np.float64), (B,))
+    w = np.ones(B) if weights is None else np.asarray(weights, np.float64)
+    v = (w > 0).astype(np.float64)
+    W, N = w.sum(), v.sum()
+    dots = x @ y.T
+    lg = s[:, None] * dots
+    lr = np.where(v[None, :] > 0, lg, -np.inf)
+    lc = np.where(v[:, None] > 0, lg, -np.inf)
+    lse_r, lse_c = _lse(lr, 1), _lse(lc, 0)
+    pr, pc = np.exp(lr - lse_r[:, None]), np.exp(lc - lse_c[None, :])
+    eye = np.eye(B)
+    row = lse_r - (1 - eps) * np.diag(lg) - eps / N * (lg @ v)
+    col = lse_c - (1 - eps) * np.diag(lg) - eps / N * (v @ lg)
+    alpha = 0.5 if bidirectional else 1.0
+    per = alpha * row + (0.5 * col if bidirectional else 0.0)
+    loss = np.sum(w * v * per) / W
+    a = alpha * w * v / W
+    G = a[:, None] * (pr - (1 - eps) * eye - eps / N * v[None, :])
+    if bidirectional:
+        b = 0.5 * w * v / W
+        G = G + b[None, :] * (pc - (1 - eps) * eye - eps / N * v[:, None])
+    dx = s[:, None] * (G @ y)
+    dy = G.T @ (s[:, None] * x)
+    ds = np.sum(G * dots, axis=1)
+    off = np.where((v[:, None] * v[None, :] > 0) & (eye == 0), lg, -np.inf)
+    d = np.diag(lg)
+    nneg = N * N - N
+    metrics = {
+        "i2t_top1": np.sum(v * (d > off.max(1))) / N,
+        "t2i_top1": np.sum(v * (d > off.max(0))) / N,
+        "pos_logit": np.sum(v * d) / N,
+        "neg_logit": (np.sum(np.where(np.isfinite(off), off, 0)) / nneg) if nneg else 0.0,
+    }
+    return loss, dx, dy, ds, metrics
+
+
+def np_sigmoid(x, y, s, bias, *, weights=None):
+    """Returns (loss, dx, dy, ds_vector, db_vector, metrics) in float64."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    B = x.shape[0]
+    s = np.broadcast_to(np.asarray(s, np.float64), (B,))
+    bias = np.broadcast_to(np.asarray(bias, np.float64), (B,))
+    w = np.ones(B) if weights is None else np.asarray(weights, np.float64)
+    v = (w > 0).astype(np.float64)
+    W, N = w.sum(), v.sum()
+    dots = x @ y.T
+    t = s[:, None] * dots + bias[:, None]
+    eye = np.eye(B)
+    z = 2 * eye - 1
+    pair_w = (w * v)[:, None] * v[None, :] / W
+    loss = np.sum(pair_w * np.logaddexp(0.0, -z * t))
+    G = pair_w * (-z) / (1 + np.exp(z * t))  # d softplus(-z t) / dt = -z * sigmoid(-z t)
+    dx = s[:, None] * (G @ y)
+    dy = G.T @ (s[:, None] * x)
+    ds = np.sum(G * dots, axis=1)
+    db = np.sum(G, axis=1)
+    off = np.where((v[:, None] * v[None, :] > 0) & (eye == 0), t, -np.inf)
+    d = np.diag(t)
+    nneg = N * N - N
+    metrics = {
+        "i2t_top1": np.sum(v * (d > off.max(1))) / N,
+        "t2i_top1": np.sum(v * (d > off.max(0))) / N,
+        "pos_logit": np.sum(v * d) / N,
+        "neg_logit": (np.sum(np.where(np.isfinite(off), off, 0)) / nneg) if nneg else 0.0,
+    }
+    return loss, dx, dy, ds, db, metrics
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------
+
+
+def embeddings(B, D, seed=0, dtype=np.float32, sharpen=0.0):
+    """Random L2-normalized pairs; ``sharpen`` > 0 makes y_i correlated with x_i."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((B, D))
+    y = rng.standard_normal((B, D)) + sharpen * x
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    return x.astype(dtype), y.astype(dtype)
+
+
+def close(actual, expected, rtol=RTOL, name=""):
+    """Relative closeness; elementwise arrays are compared against their largest magnitude."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    atol = rtol * max(float(np.max(np.abs(expected))) if expected.size else 0.0, 1e-30)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------
+# dense reference implementation: values, gradients, hand-derived properties
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("B,D", [(8, 4), (64, 32), (256, 64)])
+@pytest.mark.parametrize("per_row_scale", [False, True])
+def test_dense_softmax_matches_numpy(B, D, per_row_scale):
+    x, y = embeddings(B, D, seed=B, sharpen=1.0)
+    s = np.linspace(5.0, 15.0, B).astype(np.float32) if per_row_scale else np.float32(10.0)
+
+    f = lambda x, y, s: softmax_contrastive_loss(x, y, scale=s, impl="dense")
+    loss, (gx, gy, gs) = jax.value_and_grad(f, argnums=(0, 1, 2))(x, y, s)
+    rl, rdx, rdy, rds, _ = np_softmax(x, y, s)
+    close(loss, rl, name="loss")
+    close(gx, rdx, name="dx")
+    close(gy, rdy, name="dy")
+    close(gs, rds if per_row_scale else rds.sum(), name="dscale")
+    assert loss.dtype == jnp.float32 and loss.shape == ()
+
+
+@pytest.mark.parametrize("B,D", [(8, 4), (64, 32), (256, 64)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_dense_sigmoid_matches_numpy(B, D, per_row):
+    x, y = embeddings(B, D, seed=B + 1, sharpen=1.0)
+    if per_row:
+        s = np.linspace(5.0, 15.0, B).astype(np.float32)
+        b = np.linspace(-8.0, -2.0, B).astype(np.float32)
+    else:
+        s, b = np.float32(10.0), np.float32(-5.0)
+    f = lambda x, y, s, b: sigmoid_contrastive_loss(x, y, scale=s, bias=b, impl="dense")
+    loss, (gx, gy, gs, gb) = jax.value_and_grad(f, argnums=(0, 1, 2, 3))(x, y, s, b)
+    rl, rdx, rdy, rds, rdb, _ = np_sigmoid(x, y, s, b)
+    close(loss, rl, name="loss")
+    close(gx, rdx, name="dx")
+    close(gy, rdy, name="dy")
+    close(gs, rds if per_row else rds.sum(), name="dscale")
+    close(gb, rdb if per_row else rdb.sum(), name="dbias")
+
+
+@pytest.mark.parametrize("impl", ["dense"])
+@pytest.mark.parametrize("B", [1, 7, 128])
+def test_softmax_all_equal_is_log_b(impl, B):
+    # Every logit equals the scale, so each row/column softmax is uniform: loss = log B exactly.
+    x = np.tile(np.eye(1, 16, 3, dtype=np.float32), (B, 1))
+    loss = softmax_contrastive_loss(x, x, scale=7.0, impl=impl, block_size=16)
+    np.testing.assert_allclose(float(loss), math.log(B), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["dense"])
+@pytest.mark.parametrize("B,s,b", [(1, 10.0, -10.0), (9, 10.0, -10.0), (128, 3.0, 1.5)])
+def test_sigmoid_all_equal_closed_form(impl, B, s, b):
+    # All logits equal t = s + b: one positive and B-1 negatives per row.
+    x = np.tile(np.eye(1, 16, 5, dtype=np.float32), (B, 1))
+    t = s + b
+    expected = np.logaddexp(0, -t) + (B - 1) * np.logaddexp(0, t)
+    loss = sigmoid_contrastive_loss(x, x, scale=s, bias=b, impl=impl, block_size=16)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)

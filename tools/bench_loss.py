@@ -1,0 +1,149 @@
+"""Benchmark one contrastive loss implementation: forward+backward time, memory, GFLOP/s.
+
+Prints ONE JSON line with: loss, impl, batch, dim, devices, dtype, block_size, median_s (median
+wall time of one jitted forward+backward over --repeats runs, after one warm-up run), peak_rss_bytes
+(peak resident memory of the whole process, ``resource.getrusage(...).ru_maxrss``: interpreter,
+XLA, inputs, the loss's buffers and two N x N probe operands), gflops (achieved, from the median
+time), matmul_gflops (median over repeats of the peak of a large jitted matmul in the same process
+and dtype, probed right after each timed run so both see the same machine load),
+frac_of_matmul_peak (median over repeats of achieved / probed-peak).
+
+FLOP count: 6 * B^2 * D for both losses, i.e. the useful matmul work of the dense algorithm
+(forward logits 2*B^2*D, backward dx and dy 2*B^2*D each). ``chunked``/``ring`` actually run one
+more logits matmul in the backward (recompute, 8 * B^2 * D) and elementwise work (exp, softplus)
+is not counted, so the fraction is a conservative "useful work" efficiency.
+
+Example::
+
+    python tools/bench_loss.py --loss softmax --impl chunked --batch 8192 --dim 512 --devices 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--loss", choices=["softmax", "sigmoid"], default="softmax")
+    p.add_argument("--impl", choices=["dense", "chunked", "ring"], default="chunked")
+    p.add_argument("--batch", type=int, default=8192, help="global batch B")
+    p.add_argument("--dim", type=int, default=512, help="embedding dim D")
+    p.add_argument("--devices", type=int, default=1, help="simulated CPU devices (mesh over all)")
+    p.add_argument("--block-size", type=int, default=None, help="default: the library default")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    p.add_argument("--matmul-size", type=int, default=4096, help="edge of the peak-matmul probe")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # Must happen before jax is imported anywhere.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.devices}"
+    ).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from contrastive_jax import losses
+
+    B, D = args.batch, args.dim
+    dtype = jnp.dtype(args.dtype)
+    block = args.block_size or losses.DEFAULT_BLOCK_SIZE
+    mesh = Mesh(np.array(jax.devices()[: args.devices]), ("data",)) if args.devices > 1 else None
+    sharding = NamedSharding(mesh, P("data")) if mesh is not None else None
+
+    def make(key):
+        kx, ky = jax.random.split(key)
+        x = jax.random.normal(kx, (B, D), jnp.float32)
+        y = x + jax.random.normal(ky, (B, D), jnp.float32)
+        x = x / jnp.linalg.norm(x, axis=1, keepdims=True)
+        y = y / jnp.linalg.norm(y, axis=1, keepdims=True)
+        return x.astype(dtype), y.astype(dtype)
+
+    out_shardings = (sharding, sharding) if sharding is not None else None
+    x, y = jax.jit(make, out_shardings=out_shardings)(jax.random.key(0))
+
+    kw = dict(impl=args.impl, block_size=block, mesh=mesh)
+    if args.loss == "softmax":
+        def loss_fn(x, y, s, b):
+            return losses.softmax_contrastive_loss(x, y, scale=s, **kw)
+    else:
+        def loss_fn(x, y, s, b):
+            return losses.sigmoid_contrastive_loss(x, y, scale=s, bias=b, **kw)
+
+    out_sh = (None, (sharding, sharding, None, None)) if sharding is not None else None
+    step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3)), out_shardings=out_sh)
+    s, b = jnp.float32(10.0), jnp.float32(-10.0)
+    t0 = time.perf_counter()
+    compiled = step.lower(x, y, s, b).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        jax.block_until_ready(compiled(x, y, s, b))
+
+    def timed_run():
+        t0 = time.perf_counter()
+        out = compiled(x, y, s, b)
+        jax.block_until_ready(out)
+        elapsed = time.perf_counter() - t0
+        return elapsed, float(out[0])
+
+    times = []
+    t, loss_value = timed_run()
+    times.append(t)
+    # Peak RSS of the whole process (interpreter, XLA, inputs, the loss's buffers), read before
+    # the matmul probe's operands exist.
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+    # Matmul peak in the same process and dtype: an N^3 jitted matmul, probed right after every
+    # timed loss run (best of 2), so that both see the same machine load (the CPU may be shared).
+    N = args.matmul_size
+    ka, kb = jax.random.split(jax.random.key(1))
+    a = jax.random.normal(ka, (N, N), jnp.float32).astype(dtype)
+    c = jax.random.normal(kb, (N, N), jnp.float32).astype(dtype)
+    mm = jax.jit(lambda a, c: jnp.dot(a, c, preferred_element_type=jnp.float32)).lower(a, c).compile()
+    jax.block_until_ready(mm(a, c))
+
+    def probe():
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            jax.block_until_ready(mm(a, c))
+            best = min(best, time.perf_counter() - t0)
+        return 2 * N**3 / best / 1e9
+
+    peaks = [probe()]
+    for _ in range(args.repeats - 1):
+        t, loss_value = timed_run()
+        times.append(t)
+        peaks.append(probe())
+    median = float(np.median(times))
+    matmul_gflops = float(np.median(peaks))
+    frac = float(np.median([6 * B * B * D / t / 1e9 / p for t, p in zip(times, peaks)]))
+
+    gflops = 6 * B * B * D / median / 1e9
+    print(json.dumps(dict(
+        loss=args.loss, impl=args.impl, batch=B, dim=D, devices=args.devices, dtype=args.dtype,
+        block_size=block, median_s=round(median, 4), min_s=round(min(times), 4),
+        times_s=[round(t, 4) for t in times],
+        compile_s=round(compile_s, 2), peak_rss_bytes=int(peak_rss),
+        peak_rss_gib=round(peak_rss / 2**30, 3), gflops=round(gflops, 1),
+        matmul_gflops=round(matmul_gflops, 1), matmul_gflops_each=[round(p, 1) for p in peaks],
+        frac_of_matmul_peak=round(frac, 3),
+        loss_value=loss_value, jax=jax.__version__,
+    )))
+
+
+if __name__ == "__main__":
+    main()
