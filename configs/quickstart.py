@@ -14,16 +14,18 @@ def get_config(arg=None):
     c.data = dict(name="shapes", image_size=64, num_train=20000, num_validation=1000, num_test=2000)
     c.model = dict(
         embed_dim=64,
-        # Conv stem (4 stride-2 3x3 convs) down to a 4x4 token grid: the convolutions see every
-        # pixel, the transformer works on 16 tokens -- 2.8x cheaper per step than 8x8 tokens.
-        image=dict(patch_size=16, width=64, depth=4, num_heads=4, mlp_dim=256, pool="gap",
+        # Conv stem (3 stride-2 3x3 convs) to an 8x8 token grid and fixed 2-D positions: a small
+        # ViT with a linear patch embedding and learned positions left position and kind at
+        # chance after 64k examples. (A 4x4 grid was 2.8x cheaper per step but entangled colour
+        # with kind on the held-out pairs: 84% colour, 70% kind.)
+        image=dict(patch_size=8, width=64, depth=4, num_heads=4, mlp_dim=256, pool="gap",
                    stem="conv", posemb="sincos2d"),
         text=dict(width=64, depth=2, num_heads=4, mlp_dim=256, causal=True),
     )
     c.loss = dict(name="softmax", impl="chunked", block_size=128)
     c.optim = dict(lr=2e-3, warmup_steps=50, weight_decay=0.1)
-    c.train = dict(batch_size=256, total_steps=1200, log_every_steps=25)
-    c.eval = dict(every_steps=400, batch_size=256)
+    c.train = dict(batch_size=256, total_steps=750, log_every_steps=25)
+    c.eval = dict(every_steps=375, batch_size=256)
     c.checkpoint = dict(every_steps=100, keep=2)
     if arg == "tiny":
         c.data.update(image_size=32, num_train=512, num_validation=64, num_test=128)
