@@ -25,6 +25,21 @@ def _lse(a, axis):
     return np.squeeze(m, axis) + np.log(np.sum(np.exp(a - m), axis=axis))
 
 
+def _np_metrics(logits, v):
+    """In-batch metrics of a float64 [B, B] logit matrix over the valid (v > 0) examples."""
+    eye = np.eye(logits.shape[0])
+    N = v.sum()
+    off = np.where((v[:, None] * v[None, :] > 0) & (eye == 0), logits, -np.inf)
+    d = np.diag(logits)
+    nneg = N * N - N
+    return {
+        "i2t_top1": np.sum(v * (d > off.max(1))) / N,
+        "t2i_top1": np.sum(v * (d > off.max(0))) / N,
+        "pos_logit": np.sum(v * d) / N,
+        "neg_logit": (np.sum(np.where(np.isfinite(off), off, 0)) / nneg) if nneg else 0.0,
+    }
+
+
 def np_softmax(x, y, s, *, weights=None, eps=0.0, bidirectional=True):
     """Returns (loss, dx, dy, ds_vector, metrics) in float64."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
@@ -53,15 +68,7 @@ def np_softmax(x, y, s, *, weights=None, eps=0.0, bidirectional=True):
     dx = s[:, None] * (G @ y)
     dy = G.T @ (s[:, None] * x)
     ds = np.sum(G * dots, axis=1)
-    off = np.where((v[:, None] * v[None, :] > 0) & (eye == 0), lg, -np.inf)
-    d = np.diag(lg)
-    nneg = N * N - N
-    metrics = {
-        "i2t_top1": np.sum(v * (d > off.max(1))) / N,
-        "t2i_top1": np.sum(v * (d > off.max(0))) / N,
-        "pos_logit": np.sum(v * d) / N,
-        "neg_logit": (np.sum(np.where(np.isfinite(off), off, 0)) / nneg) if nneg else 0.0,
-    }
+    metrics = _np_metrics(lg, v)
     return loss, dx, dy, ds, metrics
 
 
@@ -73,7 +80,7 @@ def np_sigmoid(x, y, s, bias, *, weights=None):
     bias = np.broadcast_to(np.asarray(bias, np.float64), (B,))
     w = np.ones(B) if weights is None else np.asarray(weights, np.float64)
     v = (w > 0).astype(np.float64)
-    W, N = w.sum(), v.sum()
+    W = w.sum()
     dots = x @ y.T
     t = s[:, None] * dots + bias[:, None]
     eye = np.eye(B)
@@ -85,15 +92,7 @@ def np_sigmoid(x, y, s, bias, *, weights=None):
     dy = G.T @ (s[:, None] * x)
     ds = np.sum(G * dots, axis=1)
     db = np.sum(G, axis=1)
-    off = np.where((v[:, None] * v[None, :] > 0) & (eye == 0), t, -np.inf)
-    d = np.diag(t)
-    nneg = N * N - N
-    metrics = {
-        "i2t_top1": np.sum(v * (d > off.max(1))) / N,
-        "t2i_top1": np.sum(v * (d > off.max(0))) / N,
-        "pos_logit": np.sum(v * d) / N,
-        "neg_logit": (np.sum(np.where(np.isfinite(off), off, 0)) / nneg) if nneg else 0.0,
-    }
+    metrics = _np_metrics(t, v)
     return loss, dx, dy, ds, db, metrics
 
 

@@ -18,8 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from contrastive_jax import data as data_lib
 from contrastive_jax import evaluate as eval_lib
@@ -206,7 +204,7 @@ def train(config: Any, workdir: str) -> dict:
             done = step + 1
             steps_window += 1
             pending_losses.append((done, metrics["loss"]))
-            if done % log_every == 0 or done == total_steps:
+            if done % log_every == 0 or done == stop_at:
                 check_finite()
                 host = {k: float(v) for k, v in to_host(metrics).items()}
                 elapsed = time.time() - t_window
@@ -216,14 +214,15 @@ def train(config: Any, workdir: str) -> dict:
                 writer.write(done, {f"train/{k}": v for k, v in host.items()})
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{host['loss']:.4f}", ex_s=f"{host['examples_per_sec']:.0f}", refresh=False)
+                    # Advanced only here, where the host has waited for the device: with async
+                    # dispatch, per-dispatch updates would show bursts and a wrong ETA.
+                    pbar.update(done - pbar.n)
                 t_window, steps_window = time.time(), 0
             if eval_every > 0 and done % eval_every == 0 and done != total_steps:
                 results = run_evaluation(state.params, encoders, eval_data, tokenizer, dataset_info, config, mesh, batch_axes)
                 writer.write(done, {f"eval/{k}": v for k, v in results.items()})
                 t_window, steps_window = time.time(), 0
             ckpt.save(done, state, train_iter.get_state(), force=(done == stop_at))
-            if pbar is not None:
-                pbar.update(1)
         check_finite()
     finally:
         if pbar is not None:
