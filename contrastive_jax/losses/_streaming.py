@@ -337,20 +337,23 @@ def _own(a, axes):
 # --------------------------------------------------------------------------------------------
 
 
+def _lse_state(n, b, with_lse, with_metrics):
+    """Initial online-LSE state for n blocks of b rows/columns: running max ``m`` and sum ``l``
+    (when ``with_lse``) and the largest off-diagonal logit ``mo`` (when ``with_metrics``)."""
+    st = {}
+    if with_lse:
+        st.update(m=_full((n, b), -jnp.inf), l=_full((n, b), 0.0))
+    if with_metrics:
+        st["mo"] = _full((n, b), -jnp.inf)
+    return st
+
+
 def _softmax_kernels(cfg):
     def row_init(nr, rb):
-        st = dict(m=_full((nr, rb), -jnp.inf), l=_full((nr, rb), 0.0))
-        if cfg.with_metrics:
-            st["mo"] = _full((nr, rb), -jnp.inf)
-        return st
+        return _lse_state(nr, rb, True, cfg.with_metrics)
 
     def col_init(nc, cb):
-        st = {}
-        if cfg.with_col:
-            st.update(m=_full((nc, cb), -jnp.inf), l=_full((nc, cb), 0.0))
-        if cfg.with_metrics:
-            st["mo"] = _full((nc, cb), -jnp.inf)
-        return st
+        return _lse_state(nc, cb, cfg.with_col, cfg.with_metrics)
 
     def col_merge(st, axes):
         out = {}
