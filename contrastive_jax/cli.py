@@ -2,15 +2,17 @@
 
     contrastive-jax train --config configs/quickstart.py[:arg] --workdir DIR [--config.a.b=value ...]
 
-Overrides use the dotted form of any config field; an unknown key fails at once, naming the key.
+Run ``contrastive-jax -h`` for every subcommand. Overrides use the dotted form of any config field;
+an unknown key fails at once, naming the key.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
-import os
 import sys
+
+from contrastive_jax.commands import COMMANDS
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -33,13 +35,18 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return rest, overrides
 
 
+def _command_module(name: str):
+    return importlib.import_module(f"contrastive_jax.commands.{COMMANDS[name]}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="contrastive-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train (or resume) a run described by a config file")
-    train.add_argument("--config", required=True, help="config file, optionally PATH:ARG")
-    train.add_argument("--workdir", required=True, help="run directory: checkpoints, metrics, summary")
-    train.add_argument("--log-level", default="WARNING")
+    for name in COMMANDS:
+        module = _command_module(name)
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__)
+        module.add_arguments(p)
+        p.add_argument("--log-level", default="WARNING")
     return parser
 
 
@@ -53,23 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         # tfds/absl warn about things that are expected here (custom builder configs, PIL
         # instead of OpenCV); keep the terminal for our own progress and results.
         logging.getLogger("absl").setLevel(logging.ERROR)
-
-    from contrastive_jax.train.config import ConfigError, load_config
-
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"contrastive-jax: config error: {e}", file=sys.stderr)
-        return 2
-
-    if args.command == "train":
-        from contrastive_jax.train.loop import train
-
-        summary = train(config, args.workdir)
-        print(json.dumps(summary, indent=2))
-        print(f"summary written to {os.path.join(os.path.abspath(args.workdir), 'summary.json')}", file=sys.stderr)
-        return 0
-    return 1
+    return int(_command_module(args.command).run(args, overrides))
 
 
 if __name__ == "__main__":

@@ -9,5 +9,6 @@ from contrastive_jax.losses.contrastive import (
     sigmoid_contrastive_loss,
     softmax_contrastive_loss,
 )
+from contrastive_jax.losses.registry import OBJECTIVES, make_objective, register_objective
 
-__all__ = ["softmax_contrastive_loss", "sigmoid_contrastive_loss", "IMPLS", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["make_objective", "register_objective", "OBJECTIVES", "softmax_contrastive_loss", "sigmoid_contrastive_loss", "IMPLS", "DEFAULT_BLOCK_SIZE"]

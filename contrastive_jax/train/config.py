@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import math
 import os
 from typing import Any, Sequence
 
 import ml_collections
+
+from contrastive_jax.data import config as data_config
+from contrastive_jax.evaluate import config as eval_config
+from contrastive_jax.losses import config as loss_config
+from contrastive_jax.models import config as model_config
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -52,57 +56,10 @@ def default_config() -> ConfigDict:
     # mesh-axis names / None, one per array dim.
     c.sharding.rules = [(".*", "fsdp")]
 
-    # --- Data ------------------------------------------------------------------------------
-    c.data = ConfigDict()
-    c.data.name = "shapes"  # built-in procedurally rendered dataset
-    c.data.data_dir = os.path.join("~", ".cache", "contrastive_jax", "tfds")
-    c.data.train_split = "train"
-    c.data.eval_split = "test"
-    c.data.image_size = 64
-    c.data.num_train = 20000  # shapes: examples in the train split
-    c.data.num_validation = 1000
-    c.data.num_test = 2000
-    c.data.dataset_seed = 0  # shapes: seed of the procedural generator
-    c.data.shuffle_seed = 0
-    c.data.worker_count = 0  # grain worker processes (0 = in the main process)
-    c.data.max_text_len = 16  # tokens, including EOS
-    c.data.mean = (0.5, 0.5, 0.5)
-    c.data.std = (0.5, 0.5, 0.5)
-
-    # --- Model -----------------------------------------------------------------------------
-    c.model = ConfigDict()
-    c.model.name = "two_tower"
-    c.model.embed_dim = 128  # shared embedding dimension
-    c.model.scale_init = math.log(1 / 0.07)  # CLIP: log(1/0.07); SigLIP: log(10)
-    c.model.bias_init = 0.0  # SigLIP: -10
-    c.model.max_scale = 100.0  # exp(log_scale) is clamped here, as CLIP clamps at 100
-    c.model.dtype = "float32"  # compute dtype; params stay float32
-    c.model.image = ConfigDict()
-    c.model.image.name = "vit"
-    c.model.image.patch_size = 8
-    c.model.image.width = 128
-    c.model.image.depth = 4
-    c.model.image.num_heads = 4
-    c.model.image.mlp_dim = 512
-    c.model.image.pool = "gap"  # 'gap' | 'cls'
-    c.model.image.posemb = "learn"  # 'learn' | 'sincos2d' (fixed)
-    c.model.image.stem = "patch"  # 'patch' (linear p x p) | 'conv' (3x3 stride-2 convs)
-    c.model.image.extra = ConfigDict()
-    c.model.text = ConfigDict()
-    c.model.text.name = "transformer"
-    c.model.text.vocab_size = -1  # -1: taken from the tokenizer
-    c.model.text.width = 128
-    c.model.text.depth = 2
-    c.model.text.num_heads = 4
-    c.model.text.mlp_dim = 512
-    c.model.text.causal = True  # CLIP-style causal, pooled at the EOS token
-    c.model.text.extra = ConfigDict()
-
-    # --- Loss ------------------------------------------------------------------------------
-    c.loss = ConfigDict()
-    c.loss.name = "softmax"  # 'softmax' (CLIP InfoNCE) | 'sigmoid' (SigLIP)
-    c.loss.impl = "dense"  # 'dense' | 'chunked' | 'ring'
-    c.loss.block_size = 1024
+    # --- Data, model, loss: each package owns its group's schema -----------------------------
+    c.data = data_config.defaults()
+    c.model = model_config.defaults()
+    c.loss = loss_config.defaults()
 
     # --- Optimizer -------------------------------------------------------------------------
     c.optim = ConfigDict()
@@ -128,12 +85,7 @@ def default_config() -> ConfigDict:
     # reached; re-running resumes. For fixed-length job slots. -1: no limit.
     c.train.max_steps_per_run = -1
 
-    # --- Evaluation ------------------------------------------------------------------------
-    c.eval = ConfigDict()
-    c.eval.every_steps = 500  # <= 0: only at the end
-    c.eval.batch_size = 512
-    c.eval.max_examples = -1  # -1: the whole split
-    c.eval.recall_ks = (1, 5)
+    c.eval = eval_config.defaults()
 
     # --- Checkpointing ---------------------------------------------------------------------
     c.checkpoint = ConfigDict()

@@ -24,11 +24,9 @@ from contrastive_jax import evaluate as eval_lib
 from contrastive_jax import models
 from contrastive_jax.parallel.mesh import (
     batch_axes_of,
-    batch_sharding,
     data_parallel_size,
     host_batch_to_global,
     make_mesh,
-    replicated_batch_to_global,
     to_host,
 )
 from contrastive_jax.train.checkpoint import Checkpointer
@@ -72,45 +70,6 @@ def model_config_for(config: Any, tokenizer: Any):
     return model_config
 
 
-def make_encoders(model, mesh, batch_axes, param_shardings):
-    """Jitted, sharded ``(params, batch) -> [B, D]`` encoders for evaluation."""
-    in_sh = batch_sharding(mesh, batch_axes)
-    enc_image = jax.jit(
-        lambda p, x: model.apply({"params": p}, x, method="encode_image"),
-        in_shardings=(param_shardings, in_sh),
-        out_shardings=in_sh,
-    )
-    enc_text = jax.jit(
-        lambda p, t: model.apply({"params": p}, t, method="encode_text"),
-        in_shardings=(param_shardings, in_sh),
-        out_shardings=in_sh,
-    )
-    return enc_image, enc_text
-
-
-def run_evaluation(params, encoders, eval_data, tokenizer, dataset_info, config, mesh, batch_axes) -> dict:
-    """Zero-shot per attribute and retrieval recalls on ``eval_data`` (every process holds it)."""
-    enc_image, enc_text = encoders
-
-    def image_fn(x):
-        return to_host(enc_image(params, replicated_batch_to_global(x, mesh, batch_axes)))
-
-    def text_fn(t):
-        return to_host(enc_text(params, replicated_batch_to_global(t, mesh, batch_axes)))
-
-    return eval_lib.evaluate_two_tower(
-        image_fn,
-        text_fn,
-        eval_data,
-        tokenizer=tokenizer,
-        class_names=dataset_info["class_names"],
-        templates=dataset_info["templates"],
-        prompts=dataset_info["prompts"],
-        batch_size=int(config.eval.batch_size),
-        recall_ks=tuple(config.eval.recall_ks),
-    )
-
-
 def _progress(total: int, initial: int, enabled: bool):
     if not enabled or jax.process_index() != 0:
         return None
@@ -144,12 +103,8 @@ def train(config: Any, workdir: str) -> dict:
     tokenizer = data_lib.build_tokenizer(config.data)
     if jax.process_index() == 0:
         tokenizer.save(os.path.join(workdir, "tokenizer.json"))
-    dataset_info = data_lib.dataset_info(config.data)
     train_iter = data_lib.make_train_iterator(
         config.data, tokenizer=tokenizer, global_batch_size=global_batch, seed=int(config.data.shuffle_seed)
-    )
-    eval_data = data_lib.load_eval_arrays(
-        config.data, config.data.eval_split, tokenizer=tokenizer, max_examples=int(config.eval.max_examples)
     )
 
     # Model, optimizer and state, created directly sharded.
@@ -164,7 +119,7 @@ def train(config: Any, workdir: str) -> dict:
         model, tx, sample, seed=int(config.seed), rules=config.sharding.rules, mesh=mesh
     )
     train_step = make_train_step(model, tx, schedule, config.loss, mesh, batch_axes, shardings)
-    encoders = make_encoders(model, mesh, batch_axes, shardings.params)
+    evaluator = eval_lib.EvalRunner(config, model, mesh, batch_axes, shardings.params, tokenizer)
 
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep
@@ -219,7 +174,7 @@ def train(config: Any, workdir: str) -> dict:
                     pbar.update(done - pbar.n)
                 t_window, steps_window = time.time(), 0
             if eval_every > 0 and done % eval_every == 0 and done != total_steps:
-                results = run_evaluation(state.params, encoders, eval_data, tokenizer, dataset_info, config, mesh, batch_axes)
+                results = evaluator(state.params)
                 writer.write(done, {f"eval/{k}": v for k, v in results.items()})
                 t_window, steps_window = time.time(), 0
             ckpt.save(done, state, train_iter.get_state(), force=(done == stop_at))
@@ -235,7 +190,7 @@ def train(config: Any, workdir: str) -> dict:
         return {"complete": False, "stopped_at_step": stop_at, "resumed_from_step": resumed_from,
                 "wall_time_s": time.time() - t_start}
 
-    results = run_evaluation(state.params, encoders, eval_data, tokenizer, dataset_info, config, mesh, batch_axes)
+    results = evaluator(state.params)
     writer.write(total_steps, {f"eval/{k}": v for k, v in results.items()})
     writer.close()
     ckpt.close()

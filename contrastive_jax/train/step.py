@@ -19,24 +19,6 @@ from contrastive_jax.parallel.mesh import batch_axes_of, batch_sharding
 from contrastive_jax.train.state import TrainState
 
 
-def contrastive_loss_fn(loss_config: Any, mesh: Mesh | None, batch_axes: Sequence[str]) -> Callable:
-    """``(model_outputs) -> (loss, metrics)`` for ``config.loss`` (name, impl, block_size).
-
-    ``model_outputs``: dict with ``image``/``text`` [B, D] L2-normalized embeddings and scalar
-    ``scale`` (exponentiated, clamped) and ``bias``.
-    """
-    name, impl, block = loss_config.name, loss_config.impl, int(loss_config.block_size)
-    axes = batch_axes_of(mesh, batch_axes) if mesh is not None else None
-    common = dict(impl=impl, block_size=block, mesh=mesh, batch_axes=axes, return_metrics=True)
-    if name == "softmax":
-        return lambda out: losses.softmax_contrastive_loss(out["image"], out["text"], scale=out["scale"], **common)
-    if name == "sigmoid":
-        return lambda out: losses.sigmoid_contrastive_loss(
-            out["image"], out["text"], scale=out["scale"], bias=out["bias"], **common
-        )
-    raise ValueError(f"unknown config.loss.name {name!r}; known: softmax, sigmoid")
-
-
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -61,12 +43,12 @@ def make_train_step(
       ``text`` int32 [B, L] global arrays. Metrics are float32 scalars: ``loss``, ``scale``,
       ``bias``, ``grad_norm``, ``lr`` and the loss's in-batch metrics.
     """
-    loss_of = contrastive_loss_fn(loss_config, mesh, batch_axes)
+    loss_of = losses.make_objective(loss_config, mesh, batch_axes_of(mesh, batch_axes))
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         def objective(params):
             out = model.apply({"params": params}, batch["image"], batch["text"], train=True)
-            loss, loss_metrics = loss_of(out)
+            loss, loss_metrics = loss_of(out, batch)
             return loss, (out, loss_metrics)
 
         (loss, (out, loss_metrics)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)

@@ -1,0 +1,18 @@
+"""Schema of ``config.eval``: what is evaluated, how often and on how much data.
+
+Merged into the run schema by :func:`contrastive_jax.train.config.default_config` as
+``config.eval``; this package owns these fields.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """Every ``config.eval`` field with its default."""
+    c = ml_collections.ConfigDict()
+    c.every_steps = 500  # <= 0: only at the end
+    c.batch_size = 512
+    c.max_examples = -1  # -1: the whole split
+    c.recall_ks = (1, 5)
+    return c
