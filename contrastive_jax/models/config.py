@@ -19,6 +19,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.bias_init = 0.0  # SigLIP: -10
     c.max_scale = 100.0  # exp(log_scale) is clamped here, as CLIP clamps at 100
     c.dtype = "float32"  # compute dtype; params stay float32
+    # Matryoshka prefixes (Kusupati et al.): nested leading-dim sizes of the embedding that are
+    # trained and evaluated as embeddings of their own (each re-normalized). () = none. Read by the
+    # loss (config.loss) and by evaluation.
+    c.matryoshka_dims = ()
     c.image = ml_collections.ConfigDict()
     c.image.name = "vit"
     c.image.patch_size = 8
