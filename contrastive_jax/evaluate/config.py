@@ -11,7 +11,10 @@ import ml_collections
 def defaults() -> ml_collections.ConfigDict:
     """Every ``config.eval`` field with its default."""
     c = ml_collections.ConfigDict()
-    c.every_steps = 500  # <= 0: only at the end
+    # Evaluation interval during training: set at most one (none set: only at the end).
+    c.every_steps = -1
+    c.every_epochs = -1.0
+    c.every_examples = -1
     c.batch_size = 512
     c.max_examples = -1  # -1: the whole split
     c.recall_ks = (1, 5)
