@@ -2,16 +2,22 @@
 
 Training stream (one per host)::
 
-    source --shuffle(seed), reshuffled every epoch--> repeat forever --> decode + tokenize
+    source --shuffle(seed), reshuffled every epoch--> repeat forever
+           --> process (decode, augment V views, pick + tokenize a caption, mask tokens);
+               a bad record is replaced by the next good one of the stream and counted
            --> blocks of b = G / P consecutive elements --> block p, p + P, p + 2P, ... (this host)
-           --> normalize --> iterator (optionally in worker processes)
+           --> normalize --> iterator (optionally in worker processes) --> counters
 
 At step ``s`` the GLOBAL batch is elements ``[s*G, (s+1)*G)`` of the shuffled stream and host
 ``p`` holds rows ``[p*b, (p+1)*b)`` of it, so the global batch does not depend on the number of
 hosts, and each host decodes only its own rows (random access into the shuffled MapDataset).
+Every random choice of element ``i`` (crop, flip, jitter, caption, masked tokens) is drawn from a
+generator seeded with ``(seed, i)``, so the stream is a pure function of the seed and resumes
+exactly from a saved iterator state.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Sequence
 
 import grain
@@ -19,13 +25,33 @@ from absl import flags
 import jax
 import numpy as np
 
-from contrastive_jax.data.registry import build_dataset, get_dataset
+from contrastive_jax.data.config import complete
+from contrastive_jax.data.registry import DatasetEntry, build_dataset, resolve_dataset
 from contrastive_jax.data.tokenizer import Tokenizer
+from contrastive_jax.data.transforms import BadImageError, ImageTransform, decode_image
 
-# Threads reading (decoding) batches ahead of the consumer, and how many batches they may hold.
-# Kept small: each prefetched item is a whole host batch.
-_READ_THREADS = 4
-_PREFETCH_BATCHES = 4
+log = logging.getLogger("contrastive_jax.data")
+
+# Why a record was skipped; the code travels through the batch (worker processes cannot share
+# counters with the main process), 0 = the record was fine.
+SKIP_REASONS = ("empty_image", "undecodable", "empty_caption", "bad_record")
+_REASON_CODE = {r: i + 1 for i, r in enumerate(SKIP_REASONS)}
+# A run of this many consecutive bad records means the data (not a few files) is broken.
+_MAX_CONSECUTIVE_BAD = 100
+# The bad fraction is judged only after this many records (or the whole split, if smaller).
+_MIN_RECORDS_FOR_FRACTION = 100
+_LOG_FIRST_BAD = 10
+CAPTION_POLICIES = ("random", "first")
+
+
+class DataQualityError(RuntimeError):
+    """Too many records of a dataset failed to decode; the message names the dataset and reasons."""
+
+
+class BadRecordError(ValueError):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def normalize_images(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -42,25 +68,140 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _caption_str(caption: Any) -> str:
-    return caption.decode("utf-8") if isinstance(caption, (bytes, np.bytes_)) else str(caption)
+def _text(value: Any) -> str:
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
 
 
-class _ToExample(grain.transforms.Map):
-    """Source record -> ``image`` uint8 [H, W, 3], ``text`` int32 [L], int32 scalar labels."""
+def record_captions(record: dict, text_key: str) -> list[str]:
+    """The record's captions (one or several), as stripped non-empty strings; may be empty."""
+    value = record[text_key]
+    if isinstance(value, (str, bytes, np.bytes_)) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        values = [value]
+    else:
+        values = list(value)
+    return [t for t in (_text(v).strip() for v in values) if t]
 
-    def __init__(self, tokenizer: Tokenizer, label_keys: Sequence[str]):
-        self._tokenizer = tokenizer
-        self._label_keys = tuple(label_keys)
 
-    def map(self, record: dict) -> dict:
-        out = {
-            "image": np.asarray(record["image"], np.uint8),
-            "text": self._tokenizer.encode([_caption_str(record["caption"])])[0],
-        }
-        for key in self._label_keys:
+class ExampleProcessor:
+    """One source record -> one training/eval example (numpy), or :class:`BadRecordError`.
+
+    Output: ``image`` uint8 [S, S, 3] (view 0), ``image_views`` uint8 [V, S, S, 3] when V >= 2,
+    ``text`` int32 [max_len] (datasets with text), int32 scalar labels, extra features unchanged.
+
+    Args:
+      entry: the dataset's :class:`DatasetEntry` (field names, labels, extras).
+      tokenizer: turns the chosen caption into ids.
+      data_config: ``config.data`` (image_size, num_views, augment, caption_policy,
+        text_mask_prob, shuffle_seed).
+      train: augment, sample captions and mask tokens; False = the evaluation transform and the
+        first caption.
+      seed: base seed of every random choice (default ``data_config.shuffle_seed``).
+    """
+
+    def __init__(self, entry: DatasetEntry, tokenizer: Tokenizer, data_config, *, train: bool,
+                 seed: int | None = None):
+        self.entry = entry
+        self.tokenizer = tokenizer
+        self.train = bool(train)
+        self.size = int(data_config.image_size)
+        self.seed = int(data_config.shuffle_seed if seed is None else seed)
+        self.num_views = int(data_config.num_views) if train else 1
+        if self.num_views < 1:
+            raise ValueError(f"config.data.num_views must be >= 1, got {data_config.num_views}")
+        self.policy = str(data_config.caption_policy)
+        if self.policy not in CAPTION_POLICIES:
+            raise ValueError(f"config.data.caption_policy={self.policy!r}; known: {CAPTION_POLICIES}")
+        self.mask_prob = float(data_config.text_mask_prob) if train else 0.0
+        if not 0.0 <= self.mask_prob < 1.0:
+            raise ValueError(f"config.data.text_mask_prob={data_config.text_mask_prob} must be in [0, 1)")
+        self.transform = ImageTransform(self.size, data_config.augment if train else None)
+
+    def key_of(self, record: dict) -> str:
+        if self.entry.key_field and self.entry.key_field in record:
+            return _text(record[self.entry.key_field])
+        return "?"
+
+    def _image(self, data: Any, rng: np.random.Generator) -> np.ndarray:
+        if (not self.transform.train and isinstance(data, np.ndarray) and data.dtype == np.uint8
+                and data.shape == (self.size, self.size, 3)):
+            return data  # already the eval output (e.g. shapes' raw arrays)
+        try:
+            img = decode_image(data, draft_size=self.size)
+        except BadImageError as e:
+            raise BadRecordError(e.reason, str(e)) from None
+        return self.transform(img, rng)
+
+    def __call__(self, record: dict, index: int) -> dict:
+        e = self.entry
+        try:
+            image_data = record[e.image_key]
+        except (KeyError, TypeError):
+            raise BadRecordError("bad_record", f"record has no image field {e.image_key!r}") from None
+        out: dict[str, Any] = {}
+        if e.text_key is not None:
+            captions = record_captions(record, e.text_key)
+            if not captions:
+                raise BadRecordError("empty_caption", "no non-empty caption")
+            rng_text = np.random.default_rng([self.seed, index, 0])
+            pick = int(rng_text.integers(len(captions))) if self.train and self.policy == "random" else 0
+            ids = self.tokenizer.encode([captions[pick]])[0]
+            if self.mask_prob > 0:
+                special = {self.tokenizer.eos_id, self.tokenizer.pad_id}
+                if self.tokenizer.bos_id is not None:
+                    special.add(self.tokenizer.bos_id)
+                content = ~np.isin(ids, list(special))
+                ids = np.where(content & (rng_text.random(ids.shape) < self.mask_prob),
+                               self.tokenizer.mask_id, ids).astype(np.int32)
+            out["text"] = ids
+        views = [self._image(image_data, np.random.default_rng([self.seed, index, 1 + v]))
+                 for v in range(self.num_views)]
+        out["image"] = views[0]
+        if self.num_views >= 2:
+            out["image_views"] = np.stack(views)
+        for key in e.label_keys:
             out[key] = np.int32(record[key])
+        for key in e.extra_features:
+            if key not in record:
+                raise BadRecordError("bad_record", f"record has no extra feature {key!r}")
+            out[key] = np.asarray(record[key])
         return out
+
+
+class _ProcessOrReplace(grain.MapDataset):
+    """Element ``i`` = the processed record ``i``, or -- when that record is bad -- the next good
+    record of the stream (``i+1``, ``i+2``, ...), with the bad record's reason attached once, at
+    its own position, so each bad record in the stream is counted exactly once."""
+
+    def __init__(self, parent: grain.MapDataset, processor: ExampleProcessor):
+        super().__init__(parent)
+        self._processor = processor
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __str__(self) -> str:
+        return "ProcessOrReplace"
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        reason, key, last_error = 0, "", ""
+        for k in range(_MAX_CONSECUTIVE_BAD + 1):
+            record = self._parent[(index + k) % len(self._parent)]
+            try:
+                ex = self._processor(record, index)
+            except BadRecordError as e:
+                last_error = str(e)
+                if k == 0:
+                    reason, key = _REASON_CODE[e.reason], self._processor.key_of(record)
+                continue
+            ex["_skip_reason"] = np.int32(reason)
+            ex["_skip_key"] = np.frombuffer(key.encode("utf-8")[:64].ljust(64, b"\0"), np.uint8)
+            return ex
+        raise DataQualityError(f"{_MAX_CONSECUTIVE_BAD + 1} consecutive records of the stream are "
+                               f"bad from position {index} (last: {last_error})")
 
 
 class _NormalizeImages(grain.transforms.Map):
@@ -72,8 +213,73 @@ class _NormalizeImages(grain.transforms.Map):
 
     def map(self, batch: dict) -> dict:
         batch = dict(batch)
-        batch["image"] = normalize_images(batch["image"], self._mean, self._std)
+        for key in ("image", "image_views"):
+            if key in batch:
+                batch[key] = normalize_images(batch[key], self._mean, self._std)
         return batch
+
+
+class TrainIterator:
+    """The training iterator: grain's iterator plus skipped-record counters.
+
+    ``next(it)`` -> the host batch; ``get_state()`` / ``set_state()`` -> JSON-serializable
+    position AND counters (resume-exact); ``stats()`` -> counters for logging. Raises
+    :class:`DataQualityError` when more than ``max_bad_fraction`` of the records seen were bad.
+    """
+
+    def __init__(self, inner, *, dataset: str, max_bad_fraction: float, split_size: int):
+        self._inner = inner
+        self._dataset = dataset
+        self._max_bad = float(max_bad_fraction)
+        self._min_seen = min(_MIN_RECORDS_FOR_FRACTION, int(split_size))
+        self._seen = 0
+        self._skipped = {r: 0 for r in SKIP_REASONS}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = dict(next(self._inner))
+        reasons = np.asarray(batch.pop("_skip_reason"))
+        keys = np.asarray(batch.pop("_skip_key"))
+        for row in np.flatnonzero(reasons):
+            reason = SKIP_REASONS[int(reasons[row]) - 1]
+            if sum(self._skipped.values()) < _LOG_FIRST_BAD:
+                key = keys[row].tobytes().rstrip(b"\0").decode("utf-8", "replace")
+                log.warning("dataset %s: skipped record %s (%s)", self._dataset, key, reason)
+            self._skipped[reason] += 1
+        self._seen += int(reasons.shape[0])
+        total = sum(self._skipped.values())
+        if self._seen >= self._min_seen and total > self._max_bad * self._seen:
+            raise DataQualityError(
+                f"dataset {self._dataset!r}: {total} of {self._seen} records read were bad "
+                f"({total / self._seen:.1%} > config.data.max_bad_fraction={self._max_bad}); by "
+                f"reason: {self._nonzero()}")
+        return batch
+
+    def _nonzero(self) -> dict:
+        return {k: v for k, v in self._skipped.items() if v}
+
+    def stats(self) -> dict[str, float]:
+        """``data/records_read``, ``data/skipped``, ``data/skipped_fraction`` and
+        ``data/skipped/<reason>`` for THIS host, cumulative since the start of the run."""
+        total = sum(self._skipped.values())
+        out = {"data/records_read": float(self._seen), "data/skipped": float(total),
+               "data/skipped_fraction": total / self._seen if self._seen else 0.0}
+        out.update({f"data/skipped/{k}": float(v) for k, v in self._skipped.items()})
+        return out
+
+    def get_state(self) -> dict:
+        return {"pipeline": self._inner.get_state(),
+                "counters": {"records_read": self._seen, "skipped": dict(self._skipped)}}
+
+    def set_state(self, state: dict) -> None:
+        if "pipeline" not in state:  # a checkpoint written before counters existed
+            self._inner.set_state(state)
+            return
+        self._inner.set_state(state["pipeline"])
+        self._seen = int(state["counters"]["records_read"])
+        self._skipped = {r: int(state["counters"]["skipped"].get(r, 0)) for r in SKIP_REASONS}
 
 
 def make_train_iterator(
@@ -84,23 +290,26 @@ def make_train_iterator(
     seed: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-) -> grain.DatasetIterator:
+) -> TrainIterator:
     """Infinite, shuffled iterator over ``data_config.train_split`` for THIS host.
 
     Args:
-      data_config: ``config.data`` (``name``, ``train_split``, ``worker_count``, ``mean``, ``std``
-        and the dataset's own fields).
+      data_config: ``config.data`` (``name``, ``train_split``, ``worker_count``, ``read_threads``,
+        ``prefetch_batches``, ``mean``, ``std``, ``num_views``, ``augment``, ``caption_policy``,
+        ``text_mask_prob``, ``max_bad_fraction`` and the dataset's own fields).
       tokenizer: turns captions into ``text``; its ``max_len`` is the text length.
       global_batch_size: G, examples per step across all hosts.
-      seed: shuffle seed (None: ``data_config.shuffle_seed``). The order is reshuffled every
-        epoch, deterministically from this seed.
+      seed: shuffle and augmentation seed (None: ``data_config.shuffle_seed``). The order is
+        reshuffled every epoch, deterministically from this seed.
       process_index, process_count: this host and the number of hosts (default: from jax).
 
     Returns:
-      A grain ``DatasetIterator`` yielding dicts for b = G / process_count examples:
-      ``image`` float32 [b, H, W, 3] normalized with ``data_config.mean/std``, ``text`` int32
-      [b, max_len], and int32 [b] labels (``kind``, ``color``, ``size``, ``position`` for shapes).
-      ``get_state()`` returns a JSON-serializable dict; ``set_state`` resumes exactly there.
+      A :class:`TrainIterator` yielding dicts for b = G / process_count examples: ``image``
+      float32 [b, H, W, 3] normalized with ``data_config.mean/std``; with ``num_views >= 2`` also
+      ``image_views`` float32 [b, V, H, W, 3] (``image`` is view 0); ``text`` int32 [b, max_len]
+      (datasets with captions); int32 [b] labels (``kind``, ``color``, ``size``, ``position`` for
+      shapes); the dataset's extra features stacked ``[b, ...]``. ``get_state()`` returns a
+      JSON-serializable dict; ``set_state`` resumes exactly there; ``stats()`` the counters.
     """
     if process_index is None:
         process_index = jax.process_index()
@@ -114,16 +323,20 @@ def make_train_iterator(
             f"process_count={process_count} (each host loads global_batch_size / process_count)"
         )
     host_batch = global_batch_size // process_count
+    data_config = complete(data_config)
     seed = data_config.shuffle_seed if seed is None else seed
-
-    entry = get_dataset(data_config.name)
-    source = build_dataset(data_config)[data_config.train_split]
+    entry = resolve_dataset(data_config)
+    splits = build_dataset(data_config)
+    if data_config.train_split not in splits:
+        raise ValueError(f"config.data.train_split={data_config.train_split!r} is not a split of "
+                         f"{data_config.name!r} (splits: {', '.join(sorted(splits))})")
+    source = splits[data_config.train_split]
     if len(source) < global_batch_size:
         raise ValueError(f"split {data_config.train_split!r} has {len(source)} examples, fewer "
                          f"than one global batch ({global_batch_size})")
-
+    processor = ExampleProcessor(entry, tokenizer, data_config, train=True, seed=int(seed))
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-    ds = ds.map(_ToExample(tokenizer, entry.label_keys))
+    ds = _ProcessOrReplace(ds, processor)
     # Blocks of host_batch consecutive stream elements; block k belongs to host k mod P, so
     # host p's i-th batch is rows [p*b, (p+1)*b) of global batch i. MapDataset batching is lazy:
     # this host never reads other hosts' blocks.
@@ -131,14 +344,16 @@ def make_train_iterator(
     ds = ds[process_index::process_count]
     ds = ds.map(_NormalizeImages(data_config.mean, data_config.std))
     it_ds = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
+        grain.ReadOptions(num_threads=int(data_config.read_threads),
+                          prefetch_buffer_size=int(data_config.prefetch_batches))
     )
     if data_config.worker_count > 0:
         _ensure_absl_flags_parsed()
         it_ds = it_ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=int(data_config.worker_count))
         )
-    return iter(it_ds)
+    return TrainIterator(iter(it_ds), dataset=str(data_config.name),
+                         max_bad_fraction=float(data_config.max_bad_fraction), split_size=len(source))
 
 
 def load_eval_arrays(
@@ -146,31 +361,50 @@ def load_eval_arrays(
 ) -> dict[str, Any]:
     """A whole split (or its first ``max_examples``) as arrays, in the split's stored order.
 
+    Images get the evaluation transform (shorter side to ``image_size``, centre crop); each
+    example's first caption is used. Bad records are skipped (and logged), not fatal, unless
+    more than ``max_bad_fraction`` of them are bad.
+
     Returns:
-      ``image`` float32 [N, H, W, 3] (normalized like training), ``text`` int32 [N, max_len],
-      int32 [N] labels, and ``caption``: list of N str.
+      ``image`` float32 [N, H, W, 3] (normalized like training), ``text`` int32 [N, max_len] and
+      ``caption`` (list of N str) for datasets with captions, int32 [N] labels, extra features.
     """
-    entry = get_dataset(data_config.name)
-    source = build_dataset(data_config)[split]
+    data_config = complete(data_config)
+    entry = resolve_dataset(data_config)
+    splits = build_dataset(data_config)
+    if split not in splits:
+        raise ValueError(f"split {split!r} is not a split of dataset {data_config.name!r} "
+                         f"(splits: {', '.join(sorted(splits))}); set config.data.eval_split")
+    source = splits[split]
     n = len(source) if max_examples is None or max_examples < 0 else min(max_examples, len(source))
-    to_example = _ToExample(tokenizer, entry.label_keys)
-    images, texts, captions = [], [], []
-    labels = {key: [] for key in entry.label_keys}
+    processor = ExampleProcessor(entry, tokenizer, data_config, train=False)
+    examples, captions, skipped = [], [], []
     for i in range(n):
         record = source[i]
-        ex = to_example.map(record)
-        images.append(ex["image"])
-        texts.append(ex["text"])
-        captions.append(_caption_str(record["caption"]))
-        for key in entry.label_keys:
-            labels[key].append(ex[key])
-    if n == 0:
+        try:
+            ex = processor(record, i)
+        except BadRecordError as e:
+            skipped.append((processor.key_of(record), e.reason))
+            continue
+        examples.append(ex)
+        if entry.text_key is not None:
+            captions.append(record_captions(record, entry.text_key)[0])
+    if skipped:
+        log.warning("dataset %s split %s: skipped %d bad records (first: %s)", data_config.name,
+                    split, len(skipped), skipped[:_LOG_FIRST_BAD])
+        if len(skipped) > float(data_config.max_bad_fraction) * n:
+            raise DataQualityError(f"dataset {data_config.name!r} split {split!r}: {len(skipped)} "
+                                   f"of {n} records are bad (> config.data.max_bad_fraction="
+                                   f"{data_config.max_bad_fraction}); first: {skipped[:5]}")
+    if not examples:
         raise ValueError(f"split {split!r} of dataset {data_config.name!r} is empty")
     out: dict[str, Any] = {
-        "image": normalize_images(np.stack(images), data_config.mean, data_config.std),
-        "text": np.stack(texts).astype(np.int32),
-        "caption": captions,
+        "image": normalize_images(np.stack([ex["image"] for ex in examples]),
+                                  data_config.mean, data_config.std),
     }
-    for key, values in labels.items():
-        out[key] = np.asarray(values, np.int32)
+    if entry.text_key is not None:
+        out["text"] = np.stack([ex["text"] for ex in examples]).astype(np.int32)
+        out["caption"] = captions
+    for key in (*entry.label_keys, *entry.extra_features):
+        out[key] = np.stack([ex[key] for ex in examples])
     return out

@@ -1,20 +1,38 @@
 """Tokenizers: text -> fixed-length int32 id sequences ending in EOS.
 
-:class:`Tokenizer` is the interface every text tower and evaluator relies on; :class:`WordTokenizer`
-is the word-level implementation used by the built-in ``shapes`` dataset (SentencePiece / CLIP BPE
-can be added behind the same interface).
+:class:`Tokenizer` is the interface every text tower and evaluator relies on. Implementations:
 
-Sequence layout, for every implementation: ``[w_1, ..., w_k, EOS, PAD, ..., PAD]`` with
-``k <= max_len - 1`` (longer texts are truncated to their first ``max_len - 1`` tokens) and
-``PAD = 0``. A causal text tower pools at :meth:`Tokenizer.eos_positions`.
+* :class:`WordTokenizer` -- closed word vocabulary (the built-in ``shapes`` dataset, and user
+  datasets converted by ``contrastive-jax data convert``, which store their caption words);
+* :class:`SentencePieceTokenizer` -- a SentencePiece ``.model`` (Kudo & Richardson 2018), trained
+  with :func:`train_sentencepiece` / ``contrastive-jax data train-tokenizer`` or loaded from disk;
+* :class:`ClipBpeTokenizer` -- CLIP's byte-level BPE (Radford et al. 2021; the byte-level BPE of
+  Sennrich et al. 2016 as used by GPT-2), from a local merges file; never downloaded.
+
+Sequence layout, for every implementation: ``[BOS?, t_1, ..., t_k, EOS, PAD, ..., PAD]`` of length
+``max_len`` (int32). Only :class:`ClipBpeTokenizer` has a BOS (``<|startoftext|>``), as in CLIP.
+Texts longer than fit are truncated to their first tokens, keeping room for EOS. Word and
+SentencePiece tokenizers use ``PAD = 0``, ``EOS = 1`` and ``2`` for unknown/masked tokens; CLIP BPE
+keeps CLIP's own ids (``PAD = 0``, EOS = ``<|endoftext|>``), so its ids match OpenAI checkpoints.
+A causal text tower pools at :meth:`Tokenizer.eos_positions`.
+
+Text rules (:class:`TextRules`: lowercasing, cleaning, EOS) are part of each tokenizer and are
+saved with it (:meth:`Tokenizer.save`, :func:`load_tokenizer`), so a run's ``tokenizer.json``
+reproduces training's tokenization exactly.
 """
 from __future__ import annotations
 
 import abc
+import base64
+import dataclasses
+import gzip
+import html
+import io
 import json
 import os
 import re
-from typing import Iterable, Sequence
+import unicodedata
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -23,6 +41,8 @@ PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 # A token is a run of letters/digits (apostrophes kept inside words) or one punctuation mark, so
 # 'top left: a' -> ['top', 'left', ':', 'a'].
 _TOKEN_RE = re.compile(r"[\w']+|[^\w\s]")
+_WHITESPACE_RE = re.compile(r"\s+")
+CLEAN_MODES = ("none", "whitespace", "basic")
 
 
 def split_words(text: str) -> list[str]:
@@ -35,8 +55,51 @@ def normalize_text(text: str) -> str:
     return " ".join(split_words(text))
 
 
+@dataclasses.dataclass(frozen=True)
+class TextRules:
+    """How raw text is prepared before tokenization, and whether EOS is appended.
+
+    Attributes:
+      lowercase: lowercase the text first.
+      clean: ``'none'``; ``'whitespace'`` (runs of whitespace -> one space, stripped);
+        ``'basic'`` (HTML entities unescaped, Unicode NFC, then as ``'whitespace'``).
+      add_eos: append EOS after the tokens (truncation keeps room for it).
+    """
+
+    lowercase: bool = True
+    clean: str = "whitespace"
+    add_eos: bool = True
+
+    def __post_init__(self):
+        if self.clean not in CLEAN_MODES:
+            raise ValueError(f"tokenizer.clean must be one of {CLEAN_MODES}, got {self.clean!r}")
+
+    def apply(self, text: str) -> str:
+        if self.clean == "basic":
+            # Twice: captions scraped from the web are often double-escaped ('&amp;amp;').
+            text = unicodedata.normalize("NFC", html.unescape(html.unescape(text)))
+        if self.clean in ("whitespace", "basic"):
+            text = _WHITESPACE_RE.sub(" ", text).strip()
+        return text.lower() if self.lowercase else text
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "TextRules":
+        return cls(**(d or {}))
+
+    @classmethod
+    def from_config(cls, tokenizer_config) -> "TextRules":
+        """From ``config.data.tokenizer`` (``lowercase``, ``clean``, ``add_eos``)."""
+        return cls(lowercase=bool(tokenizer_config.lowercase), clean=str(tokenizer_config.clean),
+                   add_eos=bool(tokenizer_config.add_eos))
+
+
 class Tokenizer(abc.ABC):
     """Interface: ``encode`` texts to int32 ``[N, max_len]``, ``decode`` back, special ids."""
+
+    rules: TextRules = TextRules()
 
     @property
     @abc.abstractmethod
@@ -57,13 +120,58 @@ class Tokenizer(abc.ABC):
     def eos_id(self) -> int:
         ...
 
-    @abc.abstractmethod
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Texts -> int32 ``[N, max_len]``: tokens, EOS, then ``pad_id`` up to ``max_len``."""
+    @property
+    def bos_id(self) -> int | None:
+        """Id put before the tokens, or None."""
+        return None
+
+    @property
+    def mask_id(self) -> int:
+        """Id that token masking (``config.data.text_mask_prob``) substitutes."""
+        return self.pad_id
 
     @abc.abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """One text -> its token ids (rules applied; no BOS/EOS/padding, no truncation)."""
+
+    @abc.abstractmethod
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Token ids (no specials) -> text."""
+
+    @abc.abstractmethod
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes everything needed to rebuild this tokenizer as one JSON file."""
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> int32 ``[N, max_len]``: BOS?, tokens, EOS?, then ``pad_id`` up to ``max_len``."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of texts; wrap a single text in a list")
+        out = np.full((len(texts), self.max_len), self.pad_id, np.int32)
+        head = [] if self.bos_id is None else [self.bos_id]
+        room = self.max_len - len(head) - (1 if self.rules.add_eos else 0)
+        for row, text in enumerate(texts):
+            ids = head + self.tokenize(text)[:room]
+            if self.rules.add_eos:
+                ids.append(self.eos_id)
+            out[row, : len(ids)] = ids
+        return out
+
     def decode(self, ids: np.ndarray) -> list[str]:
-        """int ``[N, L]`` (or ``[L]``) -> N strings; stops at EOS, skips padding."""
+        """int ``[N, L]`` (or ``[L]``) -> N strings; stops at EOS, drops BOS and padding after it."""
+        ids = np.asarray(ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        texts = []
+        for row in ids.tolist():
+            if self.bos_id is not None and row and row[0] == self.bos_id:
+                row = row[1:]
+            if self.eos_id in row:
+                row = row[: row.index(self.eos_id)]
+            else:  # no EOS: trailing padding is layout, not text
+                while row and row[-1] == self.pad_id:
+                    row.pop()
+            texts.append(self.detokenize(row))
+        return texts
 
     def eos_positions(self, ids: np.ndarray) -> np.ndarray:
         """Index of the first EOS in each row of int ``[N, L]`` -> int32 ``[N]``.
@@ -75,30 +183,54 @@ class Tokenizer(abc.ABC):
         pos = np.argmax(is_eos, axis=-1)
         return np.where(is_eos.any(axis=-1), pos, ids.shape[-1] - 1).astype(np.int32)
 
+    @abc.abstractmethod
+    def replace(self, *, max_len: int | None = None, rules: TextRules | None = None) -> "Tokenizer":
+        """The same vocabulary with another ``max_len`` / rules."""
+
+    def _check_max_len(self, max_len: int) -> int:
+        need = 1 + (self.bos_id is not None) + (1 if self.rules.add_eos else 0)
+        if max_len < need:
+            raise ValueError(f"max_len must be >= {need} (one token plus BOS/EOS), got {max_len}")
+        return int(max_len)
+
+    def _write(self, path, payload: dict) -> None:
+        payload = {**payload, "max_len": self.max_len, "rules": self.rules.to_dict()}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Word level
+# ----------------------------------------------------------------------------------------------
+
 
 class WordTokenizer(Tokenizer):
     """Word-level tokenizer with a closed vocabulary; unknown words map to ``unk_id``.
 
     Ids: ``pad = 0``, ``eos = 1``, ``unk = 2``, then the vocabulary words in sorted order, so the
-    same word list always gives the same ids.
+    same word list always gives the same ids. Words are runs of letters/digits/apostrophes or
+    single punctuation marks, after :class:`TextRules` (lowercasing by default).
     """
 
-    def __init__(self, words: Iterable[str], max_len: int):
-        if max_len < 2:
-            raise ValueError(f"max_len must be >= 2 (one token plus EOS), got {max_len}")
+    def __init__(self, words: Iterable[str], max_len: int, rules: TextRules = TextRules()):
+        self.rules = rules
         specials = (PAD, EOS, UNK)
         words = sorted(set(words) - set(specials))
         for w in words:
-            if split_words(w) != [w]:
+            if self._split(w) != [w]:
                 raise ValueError(f"vocabulary entry {w!r} is not a single normalized token")
         self._id_to_word = list(specials) + words
         self._word_to_id = {w: i for i, w in enumerate(self._id_to_word)}
-        self._max_len = int(max_len)
+        self._max_len = self._check_max_len(max_len)
+
+    def _split(self, text: str) -> list[str]:
+        return _TOKEN_RE.findall(self.rules.apply(text))
 
     @classmethod
-    def from_texts(cls, texts: Iterable[str], max_len: int) -> "WordTokenizer":
-        """Vocabulary = every token occurring in ``texts``."""
-        return cls({w for t in texts for w in split_words(t)}, max_len)
+    def from_texts(cls, texts: Iterable[str], max_len: int, rules: TextRules = TextRules()) -> "WordTokenizer":
+        """Vocabulary = every token occurring in ``texts`` (after ``rules``)."""
+        probe = cls((), max_len, rules)
+        return cls({w for t in texts for w in probe._split(t)}, max_len, rules)
 
     @property
     def vocab_size(self) -> int:
@@ -117,6 +249,10 @@ class WordTokenizer(Tokenizer):
         return 2
 
     @property
+    def mask_id(self) -> int:
+        return self.unk_id
+
+    @property
     def vocabulary(self) -> list[str]:
         """All tokens, indexed by id (specials first)."""
         return list(self._id_to_word)
@@ -124,62 +260,366 @@ class WordTokenizer(Tokenizer):
     def __contains__(self, word: str) -> bool:
         return word in self._word_to_id and word not in (PAD, EOS, UNK)
 
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        if isinstance(texts, str):
-            raise TypeError("encode takes a list of texts; wrap a single text in a list")
-        out = np.full((len(texts), self._max_len), self.pad_id, np.int32)
-        for row, text in enumerate(texts):
-            ids = [self._word_to_id.get(w, self.unk_id)
-                   for w in split_words(text)[: self._max_len - 1]]
-            out[row, : len(ids)] = ids
-            out[row, len(ids)] = self.eos_id
-        return out
+    def tokenize(self, text: str) -> list[int]:
+        return [self._word_to_id.get(w, self.unk_id) for w in self._split(text)]
 
-    def decode(self, ids: np.ndarray) -> list[str]:
-        ids = np.asarray(ids)
-        if ids.ndim == 1:
-            ids = ids[None]
-        texts = []
-        for row in ids:
-            words = []
-            for i in row.tolist():
-                if i == self.eos_id:
-                    break
-                if i != self.pad_id:
-                    words.append(self._id_to_word[i])
-            texts.append(" ".join(words))
-        return texts
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return " ".join(self._id_to_word[i] for i in ids if i != self.pad_id)
+
+    def replace(self, *, max_len=None, rules=None) -> "WordTokenizer":
+        return WordTokenizer(self._id_to_word[3:], self.max_len if max_len is None else max_len,
+                             self.rules if rules is None else rules)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Writes the vocabulary and ``max_len`` as JSON."""
-        payload = {"type": "word", "max_len": self._max_len, "vocabulary": self._id_to_word}
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=0)
+        """Writes the vocabulary, ``max_len`` and rules as JSON."""
+        self._write(path, {"type": "word", "vocabulary": self._id_to_word})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "WordTokenizer":
-        with open(path, encoding="utf-8") as f:
-            payload = json.load(f)
-        if payload.get("type") != "word":
-            raise ValueError(f"{path} is not a WordTokenizer file (type={payload.get('type')!r})")
-        vocab = payload["vocabulary"]
-        tok = cls(vocab[3:], payload["max_len"])
-        if tok._id_to_word != vocab:
-            raise ValueError(f"{path}: vocabulary is not in canonical order (specials, sorted)")
+        tok = load_tokenizer(path)
+        if not isinstance(tok, WordTokenizer):
+            raise ValueError(f"{path} is not a WordTokenizer file ({type(tok).__name__})")
         return tok
 
     def __repr__(self) -> str:
         return f"WordTokenizer(vocab_size={self.vocab_size}, max_len={self.max_len})"
 
 
-def build_tokenizer(data_config) -> Tokenizer:
-    """The tokenizer for ``config.data`` (dataset ``data_config.name``, ``max_text_len``).
+# ----------------------------------------------------------------------------------------------
+# SentencePiece
+# ----------------------------------------------------------------------------------------------
 
-    For word-level datasets the vocabulary comes from the dataset's fixed word list (templates,
-    class names), never from sampled examples, so it is identical on every host and run.
+_SP_OFFSET = 3  # our ids 0, 1, 2 are PAD, EOS, UNK/MASK; SentencePiece piece p is id p + 3
+
+
+def _sentencepiece():
+    try:
+        import sentencepiece
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise ImportError("SentencePiece tokenizers need the 'sentencepiece' package: "
+                          "pip install 'sentencepiece>=0.2.0'") from e
+    return sentencepiece
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model behind the :class:`Tokenizer` layout.
+
+    Any ``.model`` file works, whatever its own special ids: piece ``p`` becomes id ``p + 3`` and
+    ids 0/1/2 are PAD/EOS/MASK, so ``vocab_size = pieces + 3``.
+
+    Args:
+      model_proto: the serialized model (the bytes of a ``.model`` file).
+    """
+
+    def __init__(self, model_proto: bytes, max_len: int, rules: TextRules = TextRules()):
+        self.rules = rules
+        self._proto = bytes(model_proto)
+        self._sp = _sentencepiece().SentencePieceProcessor(model_proto=self._proto)
+        self._max_len = self._check_max_len(max_len)
+
+    @classmethod
+    def from_file(cls, path, max_len: int, rules: TextRules = TextRules()) -> "SentencePieceTokenizer":
+        with open(path, "rb") as f:
+            return cls(f.read(), max_len, rules)
+
+    def __getstate__(self):  # the C++ processor does not pickle (grain worker processes)
+        return {"proto": self._proto, "max_len": self._max_len, "rules": self.rules}
+
+    def __setstate__(self, state):
+        self.__init__(state["proto"], state["max_len"], state["rules"])
+
+    @property
+    def model_proto(self) -> bytes:
+        return self._proto
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size() + _SP_OFFSET
+
+    @property
+    def max_len(self) -> int:
+        return self._max_len
+
+    @property
+    def eos_id(self) -> int:
+        return 1
+
+    @property
+    def mask_id(self) -> int:
+        return 2
+
+    def tokenize(self, text: str) -> list[int]:
+        return [p + _SP_OFFSET for p in self._sp.encode(self.rules.apply(text))]
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([i - _SP_OFFSET for i in ids if i >= _SP_OFFSET])
+
+    def replace(self, *, max_len=None, rules=None) -> "SentencePieceTokenizer":
+        return SentencePieceTokenizer(self._proto, self.max_len if max_len is None else max_len,
+                                      self.rules if rules is None else rules)
+
+    def save(self, path: str | os.PathLike) -> None:
+        self._write(path, {"type": "sentencepiece",
+                           "model_proto": base64.b64encode(self._proto).decode("ascii")})
+
+    def __repr__(self) -> str:
+        return f"SentencePieceTokenizer(vocab_size={self.vocab_size}, max_len={self.max_len})"
+
+
+def train_sentencepiece(
+    texts: Iterable[str],
+    *,
+    vocab_size: int,
+    rules: TextRules = TextRules(),
+    model_type: str = "unigram",
+    character_coverage: float = 1.0,
+    seed_sentencepiece_size: int = 1_000_000,
+) -> bytes:
+    """Trains a SentencePiece model on ``texts`` (after ``rules``); returns the ``.model`` bytes.
+
+    ``vocab_size`` is a target: on a corpus too small to support it, the model is smaller
+    (``hard_vocab_limit=False``). Training is single-threaded and deterministic for given texts.
+    """
+    spm = _sentencepiece()
+    prepared = [t for t in (rules.apply(str(t)) for t in texts) if t]
+    if not prepared:
+        raise ValueError("train_sentencepiece: no non-empty texts to train on")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(prepared),
+        model_writer=buf,
+        vocab_size=int(vocab_size),
+        model_type=model_type,
+        character_coverage=float(character_coverage),
+        hard_vocab_limit=False,
+        # Our own layout supplies PAD/EOS; SentencePiece keeps only <unk>.
+        bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0,
+        num_threads=1,
+        seed_sentencepiece_size=int(seed_sentencepiece_size),
+        minloglevel=2,
+    )
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP byte-level BPE
+# ----------------------------------------------------------------------------------------------
+
+_SOT, _EOT = "<|startoftext|>", "<|endoftext|>"
+# Pre-tokenization: common English clitics, runs of letters, single digits, runs of other
+# non-space characters. (CLIP writes the letter class as \p{L}; [^\W\d_] is the same set in re.)
+_BPE_WORD_RE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """The reversible byte -> printable character table of byte-level BPE.
+
+    Bytes that are printable Latin-1 characters (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) map to
+    themselves; the other 68 bytes map, in increasing order, to ``chr(256)``, ``chr(257)``, ...
+    so no byte becomes whitespace or a control character.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def read_bpe_merges(path: str | os.PathLike, num_merges: int = -1) -> list[tuple[str, str]]:
+    """Reads a merges file (``.txt`` or ``.gz``): optional ``#version`` line, then ``a b`` per line.
+
+    Raises:
+      FileNotFoundError / ValueError naming the file and the bad line.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config.data.tokenizer.path: BPE merges file not found: {path}")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip() or (lineno == 1 and line.startswith("#")):
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{lineno}: expected two symbols separated by a space, got {line!r}")
+        merges.append((parts[0], parts[1]))
+    return merges if num_merges < 0 else merges[: int(num_merges)]
+
+
+class ClipBpeTokenizer(Tokenizer):
+    """CLIP's byte-level BPE with CLIP's vocabulary layout and ids.
+
+    Ids: the 256 byte symbols, the same 256 with ``</w>`` (end of word), one id per merge in
+    file order, then ``<|startoftext|>`` (BOS) and ``<|endoftext|>`` (EOS). Padding is id 0, as in
+    CLIP. A word is split into byte symbols (its last one marked ``</w>``) and the adjacent pair
+    whose merge comes first in the file is joined, repeatedly, until no listed pair remains.
+
+    Args:
+      merges: the merge list, highest priority first (:func:`read_bpe_merges`).
+    """
+
+    def __init__(self, merges: Sequence[tuple[str, str]], max_len: int,
+                 rules: TextRules = TextRules(clean="basic")):
+        self.rules = rules
+        self._merges = [tuple(m) for m in merges]
+        self._byte_sym = byte_to_unicode()
+        self._sym_byte = {s: b for b, s in self._byte_sym.items()}
+        syms = [self._byte_sym[b] for b in range(256)]
+        vocab = syms + [s + "</w>" for s in syms] + [a + b for a, b in self._merges] + [_SOT, _EOT]
+        self._id_to_token = vocab
+        # A merge may produce a token that already exists (the first id wins, as in CLIP's dict).
+        self._token_to_id: dict[str, int] = {}
+        for i, t in enumerate(vocab):
+            self._token_to_id.setdefault(t, i)
+        self._rank = {m: i for i, m in enumerate(self._merges)}
+        self._cache: dict[str, list[int]] = {}
+        self._max_len = self._check_max_len(max_len)
+
+    @classmethod
+    def from_file(cls, path, max_len: int, rules: TextRules = TextRules(clean="basic"),
+                  num_merges: int = -1) -> "ClipBpeTokenizer":
+        return cls(read_bpe_merges(path, num_merges), max_len, rules)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._id_to_token)
+
+    @property
+    def max_len(self) -> int:
+        return self._max_len
+
+    @property
+    def bos_id(self) -> int:
+        return len(self._id_to_token) - 2
+
+    @property
+    def eos_id(self) -> int:
+        return len(self._id_to_token) - 1
+
+    def bpe(self, word: str) -> list[str]:
+        """One pre-token (already byte-mapped) -> its BPE symbols."""
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            ranked = [(self._rank.get((a, b)), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            ranked = [(r, i) for r, i in ranked if r is not None]
+            if not ranked:
+                break
+            best = self._merges[min(ranked)[0]]
+            merged, i = [], 0
+            while i < len(parts):  # join every occurrence of the best pair, left to right
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return parts
+
+    def tokenize(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for word in _BPE_WORD_RE.findall(self.rules.apply(text)):
+            cached = self._cache.get(word)
+            if cached is None:
+                mapped = "".join(self._byte_sym[b] for b in word.encode("utf-8"))
+                cached = [self._token_to_id[s] for s in self.bpe(mapped)]
+                if len(self._cache) < 100_000:
+                    self._cache[word] = cached
+            ids.extend(cached)
+        return ids
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        text = "".join(self._id_to_token[i] for i in ids if i < self.bos_id)
+        data = bytearray()
+        for piece in text.split("</w>"):
+            data.extend(self._sym_byte[c] for c in piece)
+            data.extend(b" ")
+        return data.decode("utf-8", errors="replace").strip()
+
+    def replace(self, *, max_len=None, rules=None) -> "ClipBpeTokenizer":
+        return ClipBpeTokenizer(self._merges, self.max_len if max_len is None else max_len,
+                                self.rules if rules is None else rules)
+
+    def save(self, path: str | os.PathLike) -> None:
+        self._write(path, {"type": "clip_bpe", "merges": [" ".join(m) for m in self._merges]})
+
+    def __repr__(self) -> str:
+        return f"ClipBpeTokenizer(vocab_size={self.vocab_size}, max_len={self.max_len})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and building
+# ----------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Rebuilds any tokenizer written by :meth:`Tokenizer.save` (e.g. ``WORKDIR/tokenizer.json``)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            payload: dict[str, Any] = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read tokenizer file {path}: {e}") from e
+    kind = payload.get("type")
+    rules = TextRules.from_dict(payload.get("rules"))
+    max_len = payload.get("max_len")
+    if kind == "word":
+        vocab = payload["vocabulary"]
+        tok = WordTokenizer(vocab[3:], max_len, rules)
+        if tok._id_to_word != vocab:
+            raise ValueError(f"{path}: vocabulary is not in canonical order (specials, sorted)")
+        return tok
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(base64.b64decode(payload["model_proto"]), max_len, rules)
+    if kind == "clip_bpe":
+        return ClipBpeTokenizer([tuple(m.split(" ")) for m in payload["merges"]], max_len, rules)
+    raise ValueError(f"{path}: unknown tokenizer type {kind!r} (known: word, sentencepiece, clip_bpe)")
+
+
+TOKENIZER_KINDS = ("auto", "word", "sentencepiece", "clip_bpe")
+
+
+def build_tokenizer(data_config) -> Tokenizer:
+    """The tokenizer for ``config.data``: ``tokenizer.kind/path``, its rules and ``max_text_len``.
+
+    ``kind='auto'`` / ``'word'`` without a path use the dataset's word vocabulary (for ``shapes``
+    its fixed word list -- templates, class names -- never sampled examples, so it is identical on
+    every host and run). A path to a saved tokenizer ``.json`` keeps its vocabulary; the config's
+    ``max_text_len`` and rules apply in every case.
     """
     from contrastive_jax.data import registry  # registry imports this module
+    from contrastive_jax.data.config import complete
 
-    entry = registry.get_dataset(data_config.name)
-    return WordTokenizer.from_texts(entry.vocabulary_texts(data_config),
-                                    max_len=data_config.max_text_len)
+    data_config = complete(data_config)
+    tc = data_config.tokenizer
+    kind, path = str(tc.kind), os.path.expanduser(str(tc.path))
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"config.data.tokenizer.kind={kind!r}; known: {', '.join(TOKENIZER_KINDS)}")
+    rules = TextRules.from_config(tc)
+    max_len = int(data_config.max_text_len)
+    if path:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config.data.tokenizer.path: no such file: {path}")
+        if path.endswith(".json"):
+            return load_tokenizer(path).replace(max_len=max_len, rules=rules)
+        if kind == "sentencepiece":
+            return SentencePieceTokenizer.from_file(path, max_len, rules)
+        if kind == "clip_bpe":
+            return ClipBpeTokenizer.from_file(path, max_len, rules, num_merges=int(tc.bpe_merges))
+        raise ValueError(f"config.data.tokenizer.path={path!r} with kind={kind!r}: a word "
+                         "tokenizer path must be a saved tokenizer .json")
+    if kind in ("sentencepiece", "clip_bpe"):
+        raise ValueError(f"config.data.tokenizer.kind={kind!r} needs config.data.tokenizer.path")
+    entry = registry.resolve_dataset(data_config)
+    if entry.vocabulary_texts is None:
+        raise ValueError(
+            f"dataset {data_config.name!r} has no word vocabulary; set config.data.tokenizer.kind="
+            "'sentencepiece' (train one with `contrastive-jax data train-tokenizer`) or 'clip_bpe', "
+            "and config.data.tokenizer.path")
+    return WordTokenizer.from_texts(entry.vocabulary_texts(data_config), max_len=max_len, rules=rules)
