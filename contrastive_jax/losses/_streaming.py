@@ -264,12 +264,13 @@ def _full(shape, v):
 
 def _pack_rows(rows: dict, nr, rb):
     fills = dict(x=0, s=0.0, mb=NEG, gid=-1, b=0.0, g=0.0, lse=0.0)
-    return {k: _pack(v, nr, rb, fills[k]) for k, v in rows.items()}
+    # Keys other kernels add (extras such as group ids) pad with 0; padding is masked by ``mb``.
+    return {k: _pack(v, nr, rb, fills.get(k, 0)) for k, v in rows.items()}
 
 
 def _pack_cols(cols: dict, nc, cb):
     fills = dict(y=0, mb=NEG, gid=-2, g=0.0, lse=0.0)
-    return {k: _pack(v, nc, cb, fills[k]) for k, v in cols.items()}
+    return {k: _pack(v, nc, cb, fills.get(k, 0)) for k, v in cols.items()}
 
 
 def _run_local(kernel, rows, cols, *, block_size, n, axes, ring):
