@@ -29,6 +29,7 @@ setup(
         "tensorboardX>=2.6.2",
         "array_record>=0.7.0",
         "psutil>=5.9",
+        "sentencepiece>=0.2.0",  # SentencePiece tokenizers (training and loading .model files)
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5"],

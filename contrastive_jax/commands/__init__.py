@@ -12,6 +12,7 @@ from typing import Sequence
 # name -> module under contrastive_jax.commands (imported only when that command runs).
 COMMANDS = {
     "train": "train",
+    "data": "data",
 }
 
 EXIT_CONFIG_ERROR = 2

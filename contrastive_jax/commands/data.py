@@ -1,0 +1,91 @@
+"""``contrastive-jax data convert ...`` and ``contrastive-jax data train-tokenizer ...``.
+
+    contrastive-jax data convert IMAGES_DIR --captions captions.csv --name my_data
+    contrastive-jax data convert shards/ --format webdataset --name my_data
+    contrastive-jax data convert class_tree/ --format classes --name my_classes
+    contrastive-jax data train-tokenizer --name my_data --vocab-size 8000 --output my_data.model
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from contrastive_jax.data.config import defaults as data_defaults
+
+HELP = "convert user data to a TFDS dataset; train a SentencePiece tokenizer on its captions"
+
+
+def add_arguments(parser) -> None:
+    default_dir = data_defaults().data_dir
+    sub = parser.add_subparsers(dest="data_command", required=True)
+    c = sub.add_parser("convert", help="images + captions (folder+CSV/JSONL, WebDataset tars, class "
+                       "folders) -> TFDS array_record dataset")
+    c.add_argument("source", help="image folder, .tar shard or folder of shards, or class-folder root")
+    c.add_argument("--name", required=True, help="dataset name (then: --config.data.name=NAME)")
+    c.add_argument("--format", default="folder", choices=("folder", "webdataset", "classes"))
+    c.add_argument("--captions", help="folder format: CSV (image,caption) or JSONL file")
+    c.add_argument("--data-dir", default=default_dir, help=f"where TFDS datasets live (default {default_dir})")
+    c.add_argument("--test-fraction", type=float, default=0.05)
+    c.add_argument("--validation-fraction", type=float, default=0.0)
+    c.add_argument("--seed", type=int, default=0, help="split assignment seed")
+    c.add_argument("--version", default="1.0.0")
+    c.add_argument("--class-template", default="a photo of a {}.", help="classes format: caption")
+    c.add_argument("--max-bad-fraction", type=float, default=0.05,
+                   help="fail if more than this fraction of records is bad")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    c.add_argument("--no-progress", action="store_true")
+
+    t = sub.add_parser("train-tokenizer", help="train a SentencePiece model on a dataset's captions")
+    t.add_argument("--name", required=True, help="dataset (config.data.name)")
+    t.add_argument("--data-dir", default=default_dir)
+    t.add_argument("--split", default="train")
+    t.add_argument("--vocab-size", type=int, default=8000)
+    t.add_argument("--model-type", default="unigram", choices=("unigram", "bpe", "char", "word"))
+    t.add_argument("--no-lowercase", action="store_true", help="keep case (then also set "
+                   "--config.data.tokenizer.lowercase=False when training)")
+    t.add_argument("--clean", default="whitespace", choices=("none", "whitespace", "basic"))
+    t.add_argument("--output", required=True, help="the .model file to write")
+
+
+def run(args, overrides) -> int:
+    if overrides:
+        print("contrastive-jax data: --config.* overrides are not used here", file=sys.stderr)
+        return 2
+    if args.data_command == "convert":
+        from contrastive_jax.data.convert import ConversionError, convert
+
+        try:
+            report = convert(
+                args.source, name=args.name, data_dir=args.data_dir, format=args.format,
+                captions=args.captions, class_template=args.class_template,
+                test_fraction=args.test_fraction, validation_fraction=args.validation_fraction,
+                seed=args.seed, version=args.version, max_bad_fraction=args.max_bad_fraction,
+                overwrite=args.overwrite, progress=not args.no_progress)
+        except ConversionError as e:
+            print(f"contrastive-jax data convert: {e}", file=sys.stderr)
+            return 1
+        summary = {k: v for k, v in report.items() if k != "skipped"}
+        summary["first_skipped"] = report["skipped"][:20]
+        print(json.dumps(summary, indent=2))
+        print(f"train with: --config.data.name={args.name} --config.data.data_dir={args.data_dir}",
+              file=sys.stderr)
+        return 0
+
+    from contrastive_jax.data.config import defaults
+    from contrastive_jax.data.convert import iter_captions
+    from contrastive_jax.data.tokenizer import SentencePieceTokenizer, TextRules, train_sentencepiece
+
+    cfg = defaults()
+    cfg.name, cfg.data_dir = args.name, args.data_dir
+    rules = TextRules(lowercase=not args.no_lowercase, clean=args.clean)
+    proto = train_sentencepiece(iter_captions(cfg, args.split), vocab_size=args.vocab_size,
+                                rules=rules, model_type=args.model_type)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "wb") as f:
+        f.write(proto)
+    tok = SentencePieceTokenizer(proto, max_len=16, rules=rules)
+    print(json.dumps({"output": os.path.abspath(args.output), "pieces": tok.vocab_size - 3}))
+    print(f"train with: --config.data.tokenizer.kind=sentencepiece --config.data.tokenizer.path="
+          f"{os.path.abspath(args.output)}", file=sys.stderr)
+    return 0
