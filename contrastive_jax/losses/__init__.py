@@ -1,7 +1,9 @@
 """Contrastive losses (pure functions on global [B, D] embeddings).
 
 ``softmax_contrastive_loss`` (CLIP) and ``sigmoid_contrastive_loss`` (SigLIP), each with
-``impl="dense" | "chunked" | "ring"``.
+``impl="dense" | "chunked" | "ring"``, and the objective family of :mod:`.objectives` (DCL,
+hard negatives, CWCL, multi-positive / SupCon / NT-Xent, Symile, distillation, alignment and
+uniformity) on the same implementations; ``make_objective`` maps ``config.loss`` to one.
 """
 from contrastive_jax.losses.contrastive import (
     DEFAULT_BLOCK_SIZE,
@@ -9,6 +11,23 @@ from contrastive_jax.losses.contrastive import (
     sigmoid_contrastive_loss,
     softmax_contrastive_loss,
 )
+from contrastive_jax.losses.objectives import (
+    TARGET_FUNCTIONS,
+    alignment,
+    decoupled_contrastive_loss,
+    hard_negative_loss,
+    matryoshka_prefixes,
+    multi_positive_loss,
+    nt_xent_loss,
+    sigmoid_multi_positive_loss,
+    similarity_distillation_loss,
+    soft_target_loss,
+    symile_loss,
+    uniformity,
+)
 from contrastive_jax.losses.registry import OBJECTIVES, make_objective, register_objective
 
-__all__ = ["make_objective", "register_objective", "OBJECTIVES", "softmax_contrastive_loss", "sigmoid_contrastive_loss", "IMPLS", "DEFAULT_BLOCK_SIZE"]
+__all__ = ["make_objective", "register_objective", "OBJECTIVES", "softmax_contrastive_loss", "sigmoid_contrastive_loss", "IMPLS", "DEFAULT_BLOCK_SIZE",
+           "decoupled_contrastive_loss", "hard_negative_loss", "soft_target_loss", "multi_positive_loss",
+           "sigmoid_multi_positive_loss", "nt_xent_loss", "matryoshka_prefixes", "symile_loss",
+           "similarity_distillation_loss", "alignment", "uniformity", "TARGET_FUNCTIONS"]

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import jax
+
 from jax.sharding import Mesh
 
+from contrastive_jax.losses import objectives as O
 from contrastive_jax.losses.contrastive import sigmoid_contrastive_loss, softmax_contrastive_loss
 
 Objective = Callable[[dict, dict], tuple[Any, dict]]
@@ -44,7 +47,193 @@ def _sigmoid(loss_config, mesh, batch_axes) -> Objective:
     )
 
 
-OBJECTIVES: dict[str, ObjectiveBuilder] = {"softmax": _softmax, "sigmoid": _sigmoid}
+def _kw(loss_config, mesh, batch_axes) -> dict:
+    return dict(impl=loss_config.impl, block_size=int(loss_config.block_size), mesh=mesh,
+                batch_axes=tuple(batch_axes) if batch_axes is not None else None)
+
+
+def _need(d: dict, key: str, where: str, what: str):
+    if key not in d:
+        raise KeyError(f"{what} needs {where}[{key!r}] (have: {', '.join(sorted(d))})")
+    return d[key]
+
+
+def _dcl(loss_config, mesh, batch_axes, sigma=0.0) -> Objective:
+    kw = _kw(loss_config, mesh, batch_axes)
+    return lambda out, batch: O.decoupled_contrastive_loss(out["image"], out["text"], scale=out["scale"], sigma=sigma, **kw)
+
+
+def _dclw(loss_config, mesh, batch_axes) -> Objective:
+    sigma = float(loss_config.dclw_sigma)
+    if sigma <= 0:
+        raise ValueError(f"config.loss.dclw_sigma must be > 0; got {sigma}")
+    return _dcl(loss_config, mesh, batch_axes, sigma)
+
+
+def _hard_negative(loss_config, mesh, batch_axes) -> Objective:
+    kw = _kw(loss_config, mesh, batch_axes)
+    h = loss_config.hard_negative
+    if not 0.0 <= float(h.tau_plus) < 1.0:
+        raise ValueError(f"config.loss.hard_negative.tau_plus must be in [0, 1); got {h.tau_plus}")
+    return lambda out, batch: O.hard_negative_loss(
+        out["image"], out["text"], scale=out["scale"], beta=float(h.beta), tau_plus=float(h.tau_plus),
+        fn_threshold=float(h.fn_threshold), **kw)
+
+
+def _cwcl(loss_config, mesh, batch_axes) -> Objective:
+    kw = _kw(loss_config, mesh, batch_axes)
+    src, fn = str(loss_config.cwcl.targets), str(loss_config.cwcl.target_fn)
+    if fn not in O.TARGET_FUNCTIONS:
+        raise ValueError(f"unknown config.loss.cwcl.target_fn {fn!r}; known: {', '.join(sorted(O.TARGET_FUNCTIONS))}")
+
+    def objective(out, batch):
+        if src.startswith("batch:"):
+            t = jax.numpy.asarray(_need(batch, src[6:], "batch", "config.loss.cwcl.targets"))
+        else:
+            t = _need(out, src, "outputs", "config.loss.cwcl.targets")
+        return O.soft_target_loss(out["image"], out["text"], scale=out["scale"], targets=t, target_fn=fn, **kw)
+
+    return objective
+
+
+def _groups(loss_config, batch, what):
+    return _need(batch, str(loss_config.group_key), "batch", f"config.loss.name={what!r} (config.loss.group_key)")
+
+
+def _multi_positive(loss_config, mesh, batch_axes) -> Objective:
+    kw = _kw(loss_config, mesh, batch_axes)
+    return lambda out, batch: O.multi_positive_loss(
+        out["image"], out["text"], scale=out["scale"], groups=_groups(loss_config, batch, "multi_positive"), **kw)
+
+
+def _supcon(loss_config, mesh, batch_axes) -> Objective:
+    """SupCon over the views of one modality: ``outputs[simclr.views_key]`` [B, V, D] with class
+    ids from the batch; every view of every same-class example is a positive."""
+    kw = _kw(loss_config, mesh, batch_axes)
+    key, temp = str(loss_config.simclr.views_key), float(loss_config.simclr.temperature)
+
+    def objective(out, batch):
+        v = _need(out, key, "outputs", "config.loss.name='supcon'")
+        B, V, D = v.shape
+        g = jax.numpy.repeat(jax.numpy.asarray(_groups(loss_config, batch, "supcon")), V)
+        z = v.reshape(B * V, D)
+        return O.multi_positive_loss(z, z, scale=1.0 / temp, groups=g, exclude_self=True, bidirectional=False, **kw)
+
+    return objective
+
+
+def _sigmoid_multi_positive(loss_config, mesh, batch_axes) -> Objective:
+    kw = _kw(loss_config, mesh, batch_axes)
+    return lambda out, batch: O.sigmoid_multi_positive_loss(
+        out["image"], out["text"], scale=out["scale"], bias=out["bias"],
+        groups=_groups(loss_config, batch, "sigmoid_multi_positive"), **kw)
+
+
+def _simclr(loss_config, mesh, batch_axes) -> Objective:
+    kw = _kw(loss_config, mesh, batch_axes)
+    key, temp = str(loss_config.simclr.views_key), float(loss_config.simclr.temperature)
+    if temp <= 0:
+        raise ValueError(f"config.loss.simclr.temperature must be > 0; got {temp}")
+    return lambda out, batch: O.nt_xent_loss(_need(out, key, "outputs", "config.loss.name='simclr'"),
+                                             scale=1.0 / temp, **kw)
+
+
+def _slip(loss_config, mesh, batch_axes) -> Objective:
+    """SLIP (Mu et al. 2022, "SLIP: Self-supervision meets Language-Image Pre-training"):
+    ``clip_weight * CLIP(image, text) + ssl_weight * NT-Xent(image views)``."""
+    clip, ssl = _softmax(loss_config, mesh, batch_axes), _simclr(loss_config, mesh, batch_axes)
+    wc, ws = float(loss_config.simclr.clip_weight), float(loss_config.simclr.ssl_weight)
+
+    def objective(out, batch):
+        lc, mc = clip(out, batch)
+        ls, _ = ssl(out, batch)
+        return wc * lc + ws * ls, dict(mc, clip_loss=lc, ssl_loss=ls)
+
+    return objective
+
+
+def _matryoshka(loss_config, mesh, batch_axes) -> Objective:
+    """The base objective summed over nested, re-normalized prefixes (Kusupati et al. 2022).
+
+    Every output with ndim >= 2 (embeddings ``[B, D]``, views ``[B, V, D]``) is cut, except
+    ``teacher_*`` keys; scale and bias are shared by all prefixes. Metrics: the base's at each
+    prefix, suffixed ``_d{dim}``.
+    """
+    m = loss_config.matryoshka
+    dims = tuple(int(d) for d in m.dims)
+    if not dims:
+        raise ValueError("config.loss.name='matryoshka' needs config.model.matryoshka_dims (or loss.matryoshka.dims)")
+    if str(m.base) in ("matryoshka", "symile"):
+        raise ValueError(f"config.loss.matryoshka.base cannot be {m.base!r}")
+    weights = tuple(float(w) for w in m.weights) or (1.0,) * len(dims)
+    if len(weights) != len(dims):
+        raise ValueError(f"config.loss.matryoshka.weights has {len(weights)} entries for {len(dims)} dims")
+    base_cfg = loss_config.copy_and_resolve_references()
+    base_cfg.name = str(m.base)
+    if base_cfg.name not in OBJECTIVES:
+        raise ValueError(f"unknown config.loss.matryoshka.base {base_cfg.name!r}; known: {', '.join(sorted(OBJECTIVES))}")
+    base = OBJECTIVES[base_cfg.name](base_cfg, mesh, batch_axes)
+
+    def objective(out, batch):
+        total, metrics = 0.0, {}
+        for d, w in zip(dims, weights):
+            cut = {k: (O.matryoshka_prefixes(v, [d])[0] if getattr(v, "ndim", 0) >= 2 and not k.startswith("teacher")
+                       else v) for k, v in out.items()}
+            loss, met = base(cut, batch)
+            total = total + w * loss
+            metrics.update({f"{k}_d{d}": v for k, v in met.items()}, **{f"loss_d{d}": loss})
+        return total, metrics
+
+    return objective
+
+
+def _symile(loss_config, mesh, batch_axes) -> Objective:
+    kw = _kw(loss_config, mesh, batch_axes)
+    mods, neg = tuple(loss_config.symile.modalities), str(loss_config.symile.negatives)
+    if neg not in ("n", "n_squared"):
+        raise ValueError(f"config.loss.symile.negatives must be 'n' or 'n_squared'; got {neg!r}")
+    if neg == "n_squared" and kw["impl"] != "dense":
+        raise ValueError(
+            f"config.loss.impl={kw['impl']!r} is not supported by symile negatives='n_squared': every anchor "
+            "scores all B^(M-1) combinations of the other modalities, a dense [B, B^(M-1)] matrix; use "
+            "impl='dense' or negatives='n' (streams)")
+    if len(mods) < 2:
+        raise ValueError(f"config.loss.symile.modalities needs >= 2 names; got {mods}")
+    return lambda out, batch: O.symile_loss([_need(out, k, "outputs", "config.loss.symile.modalities") for k in mods],
+                                            scale=out["scale"], negatives=neg, **kw)
+
+
+def _distill(loss_config, mesh, batch_axes) -> Objective:
+    kw = _kw(loss_config, mesh, batch_axes)
+    d = loss_config.distill
+    clip_w = float(d.clip_weight)
+    clip = _softmax(loss_config, mesh, batch_axes)
+
+    def teacher(out, batch, key):
+        if key in out:
+            return out[key]
+        return jax.numpy.asarray(_need(batch, key, "batch (or outputs)", "config.loss.name='distill'"))
+
+    def objective(out, batch):
+        tx, ty = teacher(out, batch, str(d.teacher_image)), teacher(out, batch, str(d.teacher_text))
+        loss, metrics = O.similarity_distillation_loss(out["image"], out["text"], tx, ty, scale=out["scale"],
+                                                       teacher_scale=float(d.teacher_scale), **kw)
+        metrics = dict(metrics, distill_kl=loss)
+        if clip_w:
+            lc, mc = clip(out, batch)
+            loss = loss + clip_w * lc
+            metrics.update(mc, clip_loss=lc)
+        return loss, metrics
+
+    return objective
+
+
+OBJECTIVES: dict[str, ObjectiveBuilder] = {
+    "softmax": _softmax, "sigmoid": _sigmoid, "dcl": _dcl, "dclw": _dclw, "hard_negative": _hard_negative,
+    "cwcl": _cwcl, "multi_positive": _multi_positive, "supcon": _supcon,
+    "sigmoid_multi_positive": _sigmoid_multi_positive, "simclr": _simclr, "slip": _slip,
+    "matryoshka": _matryoshka, "symile": _symile, "distill": _distill,
+}
 
 
 def register_objective(name: str, builder: ObjectiveBuilder) -> None:
@@ -52,17 +241,46 @@ def register_objective(name: str, builder: ObjectiveBuilder) -> None:
     OBJECTIVES[name] = builder
 
 
-def make_objective(loss_config: Any, mesh: Mesh | None = None, batch_axes: Sequence[str] | None = None) -> Objective:
+def _with_regularizers(objective: Objective, loss_config, mesh, batch_axes) -> Objective:
+    """Adds Wang & Isola's alignment / uniformity terms (weights in config) and metrics."""
+    wa, wu = float(loss_config.get("align_weight", 0.0)), float(loss_config.get("uniform_weight", 0.0))
+    report = bool(loss_config.get("align_uniform_metrics", False))
+    if not (wa or wu or report):
+        return objective
+    t = float(loss_config.get("uniform_t", 2.0))
+    kw = _kw(loss_config, mesh, batch_axes)
+
+    def wrapped(out, batch):
+        loss, metrics = objective(out, batch)
+        x, y = out["image"], out["text"]
+        align = O.alignment(x, y)
+        unif = 0.5 * (O.uniformity(x, t=t, **kw) + O.uniformity(y, t=t, **kw))
+        loss = loss + wa * align + wu * unif
+        return loss, dict(metrics, alignment=jax.lax.stop_gradient(align), uniformity=jax.lax.stop_gradient(unif))
+
+    return wrapped
+
+
+def make_objective(loss_config: Any, mesh: Mesh | None = None, batch_axes: Sequence[str] | None = None,
+                   *, model_config: Any = None) -> Objective:
     """The objective for ``config.loss`` (fields ``name``, ``impl``, ``block_size`` and any the
-    objective adds).
+    objective adds; see :mod:`contrastive_jax.losses.config`).
 
     Args:
       mesh, batch_axes: the mesh and the axes the batch dim is split over (None: one device).
+      model_config: ``config.model``; its ``matryoshka_dims`` are the Matryoshka prefixes unless
+        ``loss.matryoshka.dims`` is set.
 
     Raises:
-      ValueError: an unknown ``config.loss.name`` (the message lists the known ones).
+      ValueError: an unknown ``config.loss.name`` (the message lists the known ones), or an
+        objective's invalid field / unsupported ``impl`` (the message names the field).
     """
     name = loss_config.name
     if name not in OBJECTIVES:
         raise ValueError(f"unknown config.loss.name {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
-    return OBJECTIVES[name](loss_config, mesh, batch_axes)
+    if model_config is not None and "matryoshka" in loss_config and not tuple(loss_config.matryoshka.dims):
+        dims = tuple(model_config.get("matryoshka_dims", ()) or ())
+        if dims:
+            loss_config = loss_config.copy_and_resolve_references()
+            loss_config.matryoshka.dims = dims
+    return _with_regularizers(OBJECTIVES[name](loss_config, mesh, batch_axes), loss_config, mesh, batch_axes)
