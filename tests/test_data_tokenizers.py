@@ -1,0 +1,132 @@
+"""SentencePiece and CLIP byte-level BPE tokenizers, text rules, and save/load round trips."""
+import pickle
+
+import numpy as np
+import pytest
+
+from contrastive_jax.data.tokenizer import (
+    ClipBpeTokenizer,
+    SentencePieceTokenizer,
+    TextRules,
+    WordTokenizer,
+    build_tokenizer,
+    byte_to_unicode,
+    load_tokenizer,
+    train_sentencepiece,
+)
+from contrastive_jax.train.config import default_config
+
+CORPUS = [f"a {c} {k} on the {p} side" for c in ("red", "green", "blue", "yellow")
+          for k in ("circle", "square", "triangle", "star") for p in ("left", "right", "top")]
+
+# A tiny merges file written by hand. Words are byte symbols, the last marked '</w>'; merges apply
+# in file order of priority.
+MERGES = ["#version: 0.2", "l o", "lo w</w>", "e r</w>", "n e", "ne w", "lo w", "low er</w>"]
+
+
+@pytest.fixture(scope="module")
+def sp_proto():
+    return train_sentencepiece(CORPUS, vocab_size=40, rules=TextRules())
+
+
+def test_sentencepiece_round_trip_layout_and_truncation(sp_proto):
+    tok = SentencePieceTokenizer(sp_proto, max_len=24)
+    assert (tok.pad_id, tok.eos_id, tok.mask_id) == (0, 1, 2)
+    texts = ["A  Red Star on the LEFT side", "a blue circle"]
+    ids = tok.encode(texts)
+    assert ids.shape == (2, 24) and ids.dtype == np.int32
+    # Lower-cased and whitespace-cleaned text comes back.
+    assert tok.decode(ids) == ["a red star on the left side", "a blue circle"]
+    for row in ids:
+        e = int(tok.eos_positions(row[None])[0])
+        assert (row[:e] >= 3).all() and (row[e + 1:] == 0).all() and row[e] == 1
+    short = SentencePieceTokenizer(sp_proto, max_len=4).encode(texts)
+    np.testing.assert_array_equal(short[:, :3], ids[:, :3])  # the first tokens, then EOS
+    assert (short[:, 3] == 1).all()
+    assert tok.vocab_size == tok._sp.get_piece_size() + 3 <= 43
+
+
+def test_sentencepiece_save_load_pickle_and_model_file(sp_proto, tmp_path):
+    tok = SentencePieceTokenizer(sp_proto, max_len=12, rules=TextRules(clean="basic"))
+    tok.save(tmp_path / "t.json")
+    for other in (load_tokenizer(tmp_path / "t.json"), pickle.loads(pickle.dumps(tok))):
+        assert other.rules == tok.rules and other.max_len == 12
+        np.testing.assert_array_equal(other.encode(CORPUS[:5]), tok.encode(CORPUS[:5]))
+    (tmp_path / "m.model").write_bytes(sp_proto)
+    cfg = default_config().data
+    cfg.tokenizer.update(kind="sentencepiece", path=str(tmp_path / "m.model"))
+    cfg.max_text_len = 12
+    built = build_tokenizer(cfg)
+    np.testing.assert_array_equal(built.encode(CORPUS[:5]), tok.encode(CORPUS[:5]))
+
+
+def test_bpe_merges_by_hand(tmp_path):
+    path = tmp_path / "merges.txt"
+    path.write_text("\n".join(MERGES) + "\n")
+    tok = ClipBpeTokenizer.from_file(path, max_len=10)
+    # By hand, always joining the present pair listed first:
+    # 'lower': l o w e r</w> -> lo w e r</w> -> lo w er</w> -> low er</w> -> lower</w>
+    # 'low':   l o w</w> -> lo w</w> -> low</w>
+    # 'newer': n e w e r</w> -> n e w er</w> -> ne w er</w> -> new er</w> (no 'new er</w>' merge)
+    assert tok.bpe("lower") == ["lower</w>"]
+    assert tok.bpe("low") == ["low</w>"]
+    assert tok.bpe("newer") == ["new", "er</w>"]
+    assert tok.bpe("x") == ["x</w>"]
+    assert tok.vocab_size == 512 + 7 + 2
+    merged_id = {m.replace(" ", ""): 512 + i for i, m in enumerate(MERGES[1:])}
+    ids = tok.encode(["Lower low newer"])[0]
+    assert ids[0] == tok.bos_id == 519 and tok.eos_id == 520
+    assert list(ids[1:6]) == [merged_id["lower</w>"], merged_id["low</w>"], merged_id["new"],
+                              merged_id["er</w>"], 520]
+    assert (ids[6:] == 0).all()
+    assert tok.decode(ids[None]) == ["lower low newer"]
+
+
+def test_bpe_bytes_cover_any_text_and_round_trip(tmp_path):
+    table = byte_to_unicode()
+    assert len(set(table.values())) == 256 and all(not c.isspace() for c in table.values())
+    tok = ClipBpeTokenizer([("h", "é")], max_len=32)
+    text = "héllo wörld 日本"
+    ids = tok.encode([text])
+    assert tok.decode(ids) == [text]  # bytes never fall out of the vocabulary
+    tok.save(tmp_path / "b.json")
+    loaded = load_tokenizer(tmp_path / "b.json")
+    np.testing.assert_array_equal(loaded.encode([text, "x y"]), tok.encode([text, "x y"]))
+    # Truncation keeps BOS and EOS.
+    tiny = ClipBpeTokenizer([], max_len=4).encode(["abcdef"])[0]
+    assert tiny[0] == 512 and tiny[3] == 513 and len(tiny) == 4
+
+
+def test_rules_lowercase_clean_and_eos():
+    assert TextRules(clean="basic").apply("  Tom &amp;amp; Jerry\t\n") == "tom & jerry"
+    assert TextRules(lowercase=False, clean="none").apply(" A  b") == " A  b"
+    cased = WordTokenizer(["Red", "red"], max_len=4, rules=TextRules(lowercase=False))
+    assert cased.decode(cased.encode(["Red red"])) == ["Red red"]
+    no_eos = WordTokenizer(["a", "b"], max_len=3, rules=TextRules(add_eos=False))
+    np.testing.assert_array_equal(no_eos.encode(["a b a b"]), [[3, 4, 3]])
+    with pytest.raises(ValueError, match="tokenizer.clean"):
+        TextRules(clean="ftfy")
+
+
+def test_every_kind_round_trips_through_the_run_file(tmp_path, sp_proto):
+    toks = [WordTokenizer.from_texts(CORPUS, 9, TextRules(lowercase=False)),
+            SentencePieceTokenizer(sp_proto, 9), ClipBpeTokenizer([("r", "e")], 9)]
+    for tok in toks:
+        tok.save(tmp_path / "tokenizer.json")
+        loaded = load_tokenizer(tmp_path / "tokenizer.json")
+        assert type(loaded) is type(tok) and loaded.rules == tok.rules
+        np.testing.assert_array_equal(loaded.encode(CORPUS), tok.encode(CORPUS))
+
+
+def test_config_errors_name_the_field(tmp_path):
+    cfg = default_config().data
+    cfg.tokenizer.kind = "clip_bpe"
+    with pytest.raises(ValueError, match="tokenizer.path"):
+        build_tokenizer(cfg)
+    cfg.tokenizer.path = str(tmp_path / "missing.txt")
+    with pytest.raises(FileNotFoundError, match="tokenizer.path"):
+        build_tokenizer(cfg)
+    (tmp_path / "bad.txt").write_text("#version: 0.2\na b c\n")
+    cfg.tokenizer.path = str(tmp_path / "bad.txt")
+    with pytest.raises(ValueError, match="bad.txt:2"):
+        build_tokenizer(cfg)
