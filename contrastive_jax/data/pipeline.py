@@ -204,6 +204,26 @@ class _ProcessOrReplace(grain.MapDataset):
                                f"bad from position {index} (last: {last_error})")
 
 
+class _ReopenedSource:
+    """A split's random-access source that worker processes reopen from the config instead of
+    unpickling it: unpickling a TFDS builder in a fresh process can clash with the builder
+    configs that process registered on import (seen with the default ``shapes`` setting)."""
+
+    def __init__(self, data_config, split: str, source):
+        self._config, self._split, self._source, self._len = data_config, split, source, len(source)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):
+        if self._source is None:
+            self._source = build_dataset(self._config)[self._split]
+        return self._source[index]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None}
+
+
 class _NormalizeImages(grain.transforms.Map):
     """Batch-level (vectorized) image normalization; see :func:`normalize_images`."""
 
@@ -335,6 +355,7 @@ def make_train_iterator(
         raise ValueError(f"split {data_config.train_split!r} has {len(source)} examples, fewer "
                          f"than one global batch ({global_batch_size})")
     processor = ExampleProcessor(entry, tokenizer, data_config, train=True, seed=int(seed))
+    source = _ReopenedSource(data_config, data_config.train_split, source)
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
     ds = _ProcessOrReplace(ds, processor)
     # Blocks of host_batch consecutive stream elements; block k belongs to host k mod P, so
