@@ -1,13 +1,21 @@
-"""Building blocks shared by the towers: dense layers, attention, pre-norm transformer encoder.
+"""Building blocks shared by the towers: dense layers, attention, pre-norm transformer encoder,
+multihead attention pooling.
 
 Every parameter is created through ``nn.with_logical_partitioning`` so that sharding rules can map
-logical axis names to mesh axes later. Logical names used here:
+logical axis names to mesh axes (``contrastive_jax.parallel.logical``). Parameter axis names:
 
 - ``embed``: a tower's residual width.
 - ``mlp``: the hidden dimension of a transformer MLP.
 - ``heads`` / ``kv``: attention heads and per-head feature dimension.
 - ``joint``: the shared embedding dimension of the projection heads.
-- ``vocab``, ``length``, ``patch_height``, ``patch_width``, ``channels``: see the towers.
+- ``layers``: the stacked-layer axis of a scanned encoder (``scan=True``).
+- ``vocab``, ``length``, ``patch_height``, ``patch_width``, ``channels``, ``conv_in``,
+  ``conv_out``: see the towers.
+
+Activations are constrained with ``nn.with_logical_constraint`` under their own names (so that
+e.g. FSDP can shard the ``embed`` dim of weights without sharding that dim of activations):
+``batch``, ``act_length``, ``act_embed``, ``act_mlp``, ``act_heads``, ``act_kv``. Outside an
+``nn.logical_axis_rules`` context with a mesh set these constraints are no-ops.
 
 Parameters are always float32; ``dtype`` is the compute dtype (activations and matmul inputs).
 LayerNorm statistics and attention softmax are computed in float32 regardless (bf16 is too
@@ -15,7 +23,8 @@ coarse for them).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -26,6 +35,31 @@ Dtype = Any
 # Large negative logit for masked attention entries. Finite (not -inf) so that a row whose keys
 # are all masked yields a uniform softmax instead of NaN.
 _MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+# Activation names -> functions. 'gelu' is the tanh approximation (cheaper than erf on CPU and the
+# default of big_vision); 'gelu_exact' is the erf form of PyTorch's nn.GELU; 'quick_gelu' is
+# x * sigmoid(1.702 x), the approximation OpenAI CLIP was trained with (Radford et al. 2021) — a
+# checkpoint must be run with the activation it was trained with.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(nn.gelu, approximate=True),
+    "gelu_exact": functools.partial(nn.gelu, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": nn.relu,
+}
+
+# remat policy names -> jax.checkpoint policies (None = save nothing, recompute the whole block).
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Logical sharding constraint on an activation (no-op without rules and a mesh)."""
+    return nn.with_logical_constraint(x, tuple(names))
 
 
 def fan_in_init(num_in_dims: int, ndim: int):
@@ -108,29 +142,33 @@ class LayerNorm(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head self-attention.
+    """Multi-head attention (self-attention, or cross-attention when ``kv`` is given).
 
-    Args (call): x ``[B, L, W]``; mask bool broadcastable to ``[B, heads, L, L]`` (True = query
-    may attend to key) or None. Returns ``[B, L, W]`` in ``dtype``.
+    Args (call): x ``[B, Lq, W]`` queries; kv ``[B, Lk, W]`` keys/values (default: ``x``); mask
+    bool broadcastable to ``[B, heads, Lq, Lk]`` (True = query may attend to key) or None.
+    Returns ``[B, Lq, W]`` in ``dtype``. Params: ``query``/``key``/``value`` kernels
+    ``[W, heads, head_dim]`` + biases, ``out`` kernel ``[heads, head_dim, W]`` + bias.
     """
 
     num_heads: int
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, kv: jax.Array | None = None) -> jax.Array:
         width = x.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = width // self.num_heads
+        kv = x if kv is None else kv
 
-        def heads_proj(name):
-            return DenseGeneral(
+        def heads_proj(name, inp):
+            y = DenseGeneral(
                 (self.num_heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"),
                 dtype=self.dtype, name=name,
-            )(x)
+            )(inp)
+            return constrain(y, ("batch", "act_length", "act_heads", "act_kv"))
 
-        q, k, v = heads_proj("query"), heads_proj("key"), heads_proj("value")  # [B, L, H, Dh]
+        q, k, v = heads_proj("query", x), heads_proj("key", kv), heads_proj("value", kv)  # [B, L, H, Dh]
         q = q * jnp.asarray(head_dim**-0.5, self.dtype)
         # Logits and softmax in float32: bf16 logits lose the small differences softmax amplifies.
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -138,6 +176,7 @@ class MultiHeadAttention(nn.Module):
             logits = jnp.where(mask, logits, _MASK_VALUE)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = constrain(out, ("batch", "act_length", "act_heads", "act_kv"))
         return DenseGeneral(
             (width,), ("heads", "kv", "embed"), ("embed",), num_in_dims=2, dtype=self.dtype,
             name="out",
@@ -145,16 +184,19 @@ class MultiHeadAttention(nn.Module):
 
 
 class MlpBlock(nn.Module):
-    """``Dense(mlp_dim) -> GELU -> Dense(width)``; x ``[..., W]`` -> ``[..., W]``."""
+    """``Dense(mlp_dim) -> act -> Dense(width)``; x ``[..., W]`` -> ``[..., W]``."""
 
     mlp_dim: int
+    act: str = "gelu"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         h = DenseGeneral((self.mlp_dim,), ("embed", "mlp"), ("mlp",), dtype=self.dtype, name="fc1")(x)
-        h = nn.gelu(h)
+        if h.ndim == 3:
+            h = constrain(h, ("batch", "act_length", "act_mlp"))
+        h = activation(self.act)(h)
         return DenseGeneral((width,), ("mlp", "embed"), ("embed",), dtype=self.dtype, name="fc2")(h)
 
 
@@ -163,33 +205,113 @@ class EncoderBlock(nn.Module):
 
     num_heads: int
     mlp_dim: int
+    act: str = "gelu"
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = constrain(x, ("batch", "act_length", "act_embed"))
         h = LayerNorm(dtype=self.dtype, name="norm_attn")(x)
         x = x + MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(h, mask)
         h = LayerNorm(dtype=self.dtype, name="norm_mlp")(x)
-        return x + MlpBlock(self.mlp_dim, dtype=self.dtype, name="mlp")(h)
+        x = x + MlpBlock(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(h)
+        return constrain(x, ("batch", "act_length", "act_embed"))
+
+
+class _ScanBlock(nn.Module):
+    """EncoderBlock in the ``(carry, x) -> (carry, y)`` form ``nn.scan`` needs."""
+
+    num_heads: int
+    mlp_dim: int
+    act: str
+    dtype: Dtype
+    remat: str
+
+    @nn.compact
+    def __call__(self, x, mask):
+        block = _maybe_remat(EncoderBlock, self.remat, scanned=True)
+        return block(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, name="block")(x, mask), None
+
+
+def _maybe_remat(cls, policy: str, scanned: bool = False):
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; known: {', '.join(REMAT_POLICIES)}")
+    if policy == "none":
+        return cls
+    # Inside scan the loop boundary already stops XLA from CSE-ing the recomputation away, so
+    # prevent_cse (which adds optimisation barriers) is only needed unscanned.
+    return nn.remat(
+        cls,
+        policy=None if policy == "full" else jax.checkpoint_policies.dots_saveable,
+        prevent_cse=not scanned,
+    )
 
 
 class Encoder(nn.Module):
-    """``depth`` pre-norm blocks (``block_0`` ...) followed by a final LayerNorm (``norm``).
+    """``depth`` pre-norm blocks followed by a final LayerNorm (``norm``).
 
     x ``[B, L, W]`` -> ``[B, L, W]`` in ``dtype``.
+
+    Param layout: unscanned, blocks are ``block_0 ... block_{depth-1}``; with ``scan=True`` one
+    ``blocks/block`` subtree whose every leaf has a leading ``[depth]`` axis (logical name
+    ``layers``), compiled once instead of ``depth`` times. ``remat`` ('none' | 'full' |
+    'dots_saveable') recomputes each block's activations in the backward pass instead of storing
+    them ('dots_saveable' keeps matmul outputs, recomputes the cheap elementwise work).
     """
 
     depth: int
     num_heads: int
     mlp_dim: int
+    act: str = "gelu"
+    remat: str = "none"
+    scan: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         x = x.astype(self.dtype)
-        for i in range(self.depth):
-            x = EncoderBlock(self.num_heads, self.mlp_dim, dtype=self.dtype, name=f"block_{i}")(x, mask)
+        if self.scan and self.depth > 0:
+            scanned = nn.scan(
+                _ScanBlock,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast,),
+                length=self.depth,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, _ = scanned(self.num_heads, self.mlp_dim, self.act, self.dtype, self.remat, name="blocks")(x, mask)
+        else:
+            block = _maybe_remat(EncoderBlock, self.remat)
+            for i in range(self.depth):
+                x = block(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, name=f"block_{i}")(x, mask)
         return LayerNorm(dtype=self.dtype, name="norm")(x)
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling: a learned query attends over the tokens, then a residual MLP.
+
+    Reference: Set Transformer's PMA (Lee et al. 2019), used as the ``map`` head of big_vision's
+    ViT and SigLIP (Zhai et al. 2023). x ``[B, L, W]`` (mask ``[B, 1, 1, L]`` bool or None) ->
+    ``[B, W]`` in ``dtype``. Params: ``probe [1, 1, W]``, ``attn/...``, ``norm/...``, ``mlp/...``.
+    """
+
+    num_heads: int
+    mlp_dim: int
+    act: str = "gelu"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        b, _, w = x.shape
+        probe = self.param(
+            "probe", nn.with_logical_partitioning(nn.initializers.xavier_uniform(), (None, None, "embed")),
+            (1, 1, w), jnp.float32,
+        )
+        q = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, w))
+        x = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(q, mask, kv=x)
+        y = LayerNorm(dtype=self.dtype, name="norm")(x)
+        x = x + MlpBlock(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(y)
+        return x[:, 0]
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

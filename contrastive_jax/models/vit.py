@@ -1,9 +1,16 @@
-"""Vision Transformer image tower: pre-norm encoder, 'gap' or 'cls' pooling, a linear patch
-embedding or a convolutional stem, learned or fixed 2-D sin-cos position embeddings.
+"""Vision Transformer image tower.
 
-References: ViT (Dosovitskiy et al. 2021); convolutional stem: "Early Convolutions Help
-Transformers See Better" (Xiao et al. 2021); 2-D sin-cos position embeddings as in MoCo v3
-(Chen et al. 2021) and "Better plain ViT baselines" (Beyer et al. 2022).
+Pre-norm encoder; pooling ``gap`` (mean of tokens), ``cls`` (a class token) or ``map``
+(multihead attention pooling); a linear patch embedding or a convolutional stem; learned or fixed
+2-D sin-cos position embeddings; GELU or QuickGELU; FLIP patch dropout at train time; remat and
+scanned layers.
+
+References: ViT (Dosovitskiy et al. 2021); OpenAI CLIP's ViT variant — bias-free patch
+projection, a LayerNorm before the encoder (``norm_pre``), a position for the class token,
+QuickGELU (Radford et al. 2021); convolutional stem: "Early Convolutions Help Transformers See
+Better" (Xiao et al. 2021); 2-D sin-cos position embeddings as in MoCo v3 (Chen et al. 2021) and
+"Better plain ViT baselines" (Beyer et al. 2022); MAP pooling as in SigLIP (Zhai et al. 2023);
+patch dropout: FLIP, "Scaling Language-Image Pre-training via Masking" (Li et al. 2023).
 """
 from __future__ import annotations
 
@@ -11,11 +18,37 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from contrastive_jax.models.layers import Dtype, Encoder
+from contrastive_jax.models.layers import Dtype, Encoder, LayerNorm, MAPHead, constrain
 
-POOL_TYPES = ("gap", "cls")
+POOL_TYPES = ("gap", "cls", "map")
 POSEMB_TYPES = ("learn", "sincos2d")
 STEM_TYPES = ("patch", "conv")
+
+# Published ViT shapes by name: (width, depth, mlp_dim, num_heads). Ti/S/B/L/H from Dosovitskiy
+# et al. 2021 and Steiner et al. 2021; g (giant) and So400m (shape-optimized, Alabdulmohsin
+# et al. 2023) as used by SigLIP. Patch size is separate ("B/16" = VIT_VARIANTS["B"], patch 16).
+VIT_VARIANTS = {
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "So400m": (1152, 27, 4304, 16),
+}
+
+
+def vit_variant(name: str) -> dict:
+    """``'B/16'`` -> ``dict(width=768, depth=12, mlp_dim=3072, num_heads=12, patch_size=16)``."""
+    size, _, patch = name.partition("/")
+    if size not in VIT_VARIANTS:
+        raise ValueError(f"unknown ViT variant {name!r}; sizes: {', '.join(VIT_VARIANTS)}")
+    width, depth, mlp_dim, heads = VIT_VARIANTS[size]
+    out = dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads)
+    if patch:
+        out["patch_size"] = int(patch)
+    return out
 
 
 def sincos_2d_posemb(h: int, w: int, dim: int, temperature: float = 10_000.0) -> jax.Array:
@@ -35,18 +68,39 @@ def sincos_2d_posemb(h: int, w: int, dim: int, temperature: float = 10_000.0) ->
     return jnp.concatenate([jnp.sin(x), jnp.cos(x), jnp.sin(y), jnp.cos(y)], axis=1)
 
 
-class VisionTransformer(nn.Module):
-    """Small ViT returning one feature vector per image.
+def patch_dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """FLIP patch dropout: keeps a random ``round((1 - rate) * N)`` of the N tokens per example.
 
-    Params (under this module): ``patch_embed/{kernel [p, p, 3, W], bias [W]}`` (stem='patch')
-    or ``stem_{i}/{kernel [3, 3, C_in, C_i], bias}`` + ``patch_embed/{kernel [1, 1, C, W], bias}``
-    (stem='conv'), ``pos_embedding [num_patches, W]`` (posemb='learn' only), ``cls [W]`` (only
-    for pool='cls'), ``encoder/...``. The position embedding covers the patches only (the CLS
-    token gets none); its length is fixed by the image size seen at init.
+    x ``[B, N, W]`` -> ``[B, K, W]`` (kept tokens in their original order). Position embeddings
+    must already be added, so kept tokens remember where they came from. Compute scales with K:
+    at rate 0.5 the encoder does about half the work (Li et al. 2023).
+    """
+    b, n, _ = x.shape
+    keep = max(1, int(round(n * (1.0 - rate))))
+    if keep >= n:
+        return x
+    noise = jax.random.uniform(rng, (b, n))
+    idx = jnp.sort(jnp.argsort(noise, axis=1)[:, :keep], axis=1)  # [B, K]
+    return jnp.take_along_axis(x, idx[:, :, None], axis=1)
+
+
+class VisionTransformer(nn.Module):
+    """ViT returning one feature vector per image.
+
+    Params (under this module): ``patch_embed/{kernel [p, p, 3, W], bias [W]}`` (stem='patch';
+    no bias with ``patch_bias=False``) or ``stem_{i}/...`` + ``patch_embed/{kernel [1, 1, C, W],
+    bias}`` (stem='conv'), ``pos_embedding [num_patches (+1 with cls_posemb), W]``
+    (posemb='learn' only), ``cls [W]`` (pool='cls'), ``norm_pre/...`` (norm_pre), ``encoder/...``,
+    ``map/...`` (pool='map'). The position embedding's length is fixed by the image size seen at
+    init; by default it covers the patches only, ``cls_posemb=True`` gives the class token a
+    position too (OpenAI CLIP).
 
     stem='conv' replaces the single p x p patch projection by log2(p) stride-2 3x3 convolutions
     (GELU between) and a 1x1 projection: the same token grid, at a few percent more FLOPs, and
     much faster, more stable optimisation for small models (Xiao et al. 2021).
+
+    ``patch_dropout`` (FLIP): at ``train=True`` only this fraction of the patch tokens is dropped
+    at random (rng stream ``'dropout'``); at ``train=False`` all tokens are used.
     """
 
     patch_size: int
@@ -57,17 +111,23 @@ class VisionTransformer(nn.Module):
     pool: str = "gap"
     posemb: str = "learn"
     stem: str = "patch"
+    act: str = "gelu"
+    patch_bias: bool = True
+    norm_pre: bool = False
+    cls_posemb: bool = False
+    patch_dropout: float = 0.0
+    remat: str = "none"
+    scan: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        """images ``[B, H, W, C]`` float -> features ``[B, width]`` in ``dtype``.
+        """images ``[B, H, W, C]`` float -> features ``[B, width]`` in ``dtype``."""
 
-        ``train`` is accepted for API symmetry; the tower is deterministic (no dropout).
-        """
-        del train
         if self.pool not in POOL_TYPES:
             raise ValueError(f"unknown pool {self.pool!r}; expected one of {POOL_TYPES}")
+        if images.ndim != 4:
+            raise ValueError(f"VisionTransformer expects images [B, H, W, C], got shape {images.shape}")
         _, h, w, _ = images.shape
         p = self.patch_size
         if h % p or w % p:
@@ -76,6 +136,9 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"unknown posemb {self.posemb!r}; expected one of {POSEMB_TYPES}")
         if self.stem not in STEM_TYPES:
             raise ValueError(f"unknown stem {self.stem!r}; expected one of {STEM_TYPES}")
+        if not 0.0 <= self.patch_dropout < 1.0:
+            raise ValueError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
+        use_cls = self.pool == "cls"
         x = images.astype(self.dtype)
         if self.stem == "conv":
             if p & (p - 1):
@@ -84,42 +147,61 @@ class VisionTransformer(nn.Module):
             for i in range(n):
                 # Channels grow to the width at the last stride-2 layer.
                 channels = max(self.width >> (n - 1 - i), 8)
-                x = nn.gelu(self._conv(channels, (3, 3), (2, 2), "SAME", f"stem_{i}")(x))
-            x = self._conv(self.width, (1, 1), (1, 1), "VALID", "patch_embed")(x)
+                x = nn.gelu(self._conv(channels, (3, 3), (2, 2), "SAME", f"stem_{i}", True)(x))
+            x = self._conv(self.width, (1, 1), (1, 1), "VALID", "patch_embed", self.patch_bias)(x)
         else:
             # Conv with kernel = stride = patch size is exactly a linear map of each flattened patch.
-            x = self._conv(self.width, (p, p), (p, p), "VALID", "patch_embed")(x)
+            x = self._conv(self.width, (p, p), (p, p), "VALID", "patch_embed", self.patch_bias)(x)
         grid_h, grid_w = x.shape[1], x.shape[2]
         b = x.shape[0]
         x = x.reshape(b, -1, self.width)  # [B, num_patches, W]
+        num_patches = x.shape[1]
+        with_cls_pos = use_cls and self.cls_posemb
         if self.posemb == "learn":
             pos = self.param(
                 "pos_embedding",
                 nn.with_logical_partitioning(nn.initializers.normal(0.02), ("length", "embed")),
-                (x.shape[1], self.width),
+                (num_patches + with_cls_pos, self.width),
                 jnp.float32,
             )
         else:
             pos = sincos_2d_posemb(grid_h, grid_w, self.width)
-        x = x + pos.astype(self.dtype)[None]
-        if self.pool == "cls":
+            if with_cls_pos:
+                pos = jnp.concatenate([jnp.zeros((1, self.width), jnp.float32), pos], axis=0)
+        pos = pos.astype(self.dtype)
+        x = x + pos[with_cls_pos:][None]
+        if train and self.patch_dropout > 0.0:
+            x = patch_dropout(x, self.patch_dropout, self.make_rng("dropout"))
+        if use_cls:
             cls = self.param(
                 "cls", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                 (self.width,), jnp.float32,
             )
-            x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x], axis=1)
-        x = Encoder(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, name="encoder")(x)
-        if self.pool == "cls":
+            cls = cls.astype(self.dtype)
+            if with_cls_pos:
+                cls = cls + pos[0]
+            x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)), x], axis=1)
+        x = constrain(x, ("batch", "act_length", "act_embed"))
+        if self.norm_pre:
+            x = LayerNorm(dtype=self.dtype, name="norm_pre")(x)
+        x = Encoder(
+            self.depth, self.num_heads, self.mlp_dim, act=self.act, remat=self.remat, scan=self.scan,
+            dtype=self.dtype, name="encoder",
+        )(x)
+        if use_cls:
             return x[:, 0]
+        if self.pool == "map":
+            return MAPHead(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, name="map")(x)
         # Mean in float32: summing many bf16 tokens loses precision.
         return jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
 
-    def _conv(self, features: int, kernel, strides, padding: str, name: str) -> nn.Conv:
+    def _conv(self, features: int, kernel, strides, padding: str, name: str, use_bias: bool) -> nn.Conv:
         return nn.Conv(
             features,
             kernel,
             strides=strides,
             padding=padding,
+            use_bias=use_bias,
             dtype=self.dtype,
             param_dtype=jnp.float32,
             kernel_init=nn.with_logical_partitioning(
