@@ -13,6 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["contrastive_jax", "contrastive_jax.*"]),
+    package_data={"contrastive_jax.evaluate": ["data/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7.0",
@@ -29,10 +30,11 @@ setup(
         "tensorboardX>=2.6.2",
         "array_record>=0.7.0",
         "psutil>=5.9",
+        "matplotlib>=3.8",  # the PNG report (evaluate/report.py)
         "sentencepiece>=0.2.0",  # SentencePiece tokenizers (training and loading .model files)
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-learn>=1.4"],
         "tf": ["tensorflow>=2.16"],
         "torch": ["torch>=2.2"],
     },

@@ -12,6 +12,8 @@ from typing import Sequence
 # name -> module under contrastive_jax.commands (imported only when that command runs).
 COMMANDS = {
     "train": "train",
+    "eval": "eval",
+    "report": "report",
     "data": "data",
 }
 
