@@ -28,7 +28,7 @@ ConfigDict = ml_collections.ConfigDict
 
 # Sub-dicts whose keys are free-form (the schema cannot enumerate them): nothing is rejected below
 # these paths.
-_FREE_FORM = ("model.image.extra", "model.text.extra")
+_FREE_FORM = ("model.image.extra", "model.text.extra", "model.towers")
 
 
 class ConfigError(ValueError):
@@ -63,39 +63,89 @@ def default_config() -> ConfigDict:
 
     # --- Optimizer -------------------------------------------------------------------------
     c.optim = ConfigDict()
-    c.optim.name = "adamw"
-    c.optim.lr = 1e-3
-    c.optim.weight_decay = 0.1
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.98
+    c.optim.name = "adamw"  # 'adamw' | 'lamb' | 'lars' | 'adafactor' | 'sgd' (with momentum)
+    c.optim.lr = 1e-3  # peak learning rate
+    c.optim.weight_decay = 0.1  # decoupled (AdamW-style), times the LR schedule
+    c.optim.b1 = 0.9  # adamw/lamb first moment decay
+    c.optim.b2 = 0.98  # adamw/lamb second moment decay
     c.optim.eps = 1e-6
-    c.optim.schedule = "warmup_cosine"
-    c.optim.warmup_steps = 100
-    c.optim.end_lr_fraction = 0.0
-    c.optim.grad_clip_norm = 1.0  # <= 0 disables
-    # Params matching any regex get no weight decay (norms, biases, the loss's scale/bias).
+    c.optim.momentum = 0.9  # sgd / lars
+    c.optim.nesterov = False  # sgd / lars
+    c.optim.lars_trust_coefficient = 0.001
+    c.optim.adafactor_factored = True  # factored second moments (memory ~ rows + cols)
+    c.optim.schedule = "warmup_cosine"  # see train/optim.py: warmup_cosine | warmup_linear | rsqrt | constant | wsd
+    # Warmup length: set at most one of the three (none set: no warmup).
+    c.optim.warmup_steps = -1
+    c.optim.warmup_epochs = -1.0
+    c.optim.warmup_examples = -1
+    c.optim.end_lr_fraction = 0.0  # final LR of the decaying schedules, as a fraction of lr
+    c.optim.rsqrt_timescale = 10000  # rsqrt: lr * sqrt(timescale / max(step, timescale)) after warmup
+    # wsd (warmup-stable-decay): the last decay_fraction of the run decays with decay_shape
+    # ('linear' | 'cosine' | 'sqrt', i.e. 1 - sqrt(progress)); the stable phase is at lr.
+    c.optim.decay_fraction = 0.2
+    c.optim.decay_shape = "sqrt"
+    c.optim.grad_clip_norm = 1.0  # global-norm clipping of the gradient; <= 0 disables
+    # Regex masks over '/'-joined parameter paths (re.fullmatch):
+    # - no_decay: no weight decay (norms, biases, the loss's scale/bias, position embeddings).
     c.optim.no_decay = (r".*(bias|scale)$", r".*norm.*", r".*(pos_embedding|cls)$")
+    # - freeze: no update, no optimizer state and no gradient computed (LiT: ('image/.*',)).
+    c.optim.freeze = ()
+    # - lr_multipliers: [(regex, multiplier)], first match wins; unmatched params use 1.0.
+    c.optim.lr_multipliers = []
+    # EMA of the parameters (0 = off); evaluated and checkpointed alongside the params.
+    c.optim.ema_decay = 0.0
 
     # --- Training --------------------------------------------------------------------------
     c.train = ConfigDict()
     c.train.batch_size = 256  # global batch, across all processes
-    c.train.total_steps = 1000
-    c.train.log_every_steps = 50
+    # Run length: set exactly one (converted to steps in train/durations.py).
+    c.train.total_steps = -1
+    c.train.total_epochs = -1.0
+    c.train.total_examples = -1
+    # Logging interval (none set: every 50 steps).
+    c.train.log_every_steps = -1
+    c.train.log_every_epochs = -1.0
+    c.train.log_every_examples = -1
+    # Exact large-batch training (GradCache, Gao et al. 2021): the global batch is processed in
+    # micro-batches of this many examples (global, across devices); 0 = off. See
+    # train/gradcache.py for 'gradcache' (exact contrastive gradient over the WHOLE batch) vs
+    # 'average' (mean of per-micro-batch losses; changes a contrastive objective).
+    c.train.microbatch_size = 0
+    c.train.accumulation = "gradcache"  # 'gradcache' | 'average'
+    # A step whose loss or gradient is NaN/inf is never applied. 'stop': raise naming the step
+    # and the metric; 'skip': count it (train/nonfinite_steps) and continue.
+    c.train.nonfinite = "stop"
     # Stop this invocation after this many steps (with a checkpoint) even if total_steps is not
     # reached; re-running resumes. For fixed-length job slots. -1: no limit.
     c.train.max_steps_per_run = -1
+    # Wall-clock budget of this invocation in minutes (<= 0: none). When reached, like SIGTERM:
+    # save a checkpoint and exit with code 75 (the CLI), so a scheduler requeues the job.
+    c.train.deadline_minutes = -1.0
 
     c.eval = eval_config.defaults()
 
     # --- Checkpointing ---------------------------------------------------------------------
     c.checkpoint = ConfigDict()
-    c.checkpoint.every_steps = 200
+    # Interval (none set: every 1000 steps); the last step and preemption always save.
+    c.checkpoint.every_steps = -1
+    c.checkpoint.every_epochs = -1.0
+    c.checkpoint.every_examples = -1
     c.checkpoint.keep = 2
+    c.checkpoint.async_save = True  # orbax writes in the background while training continues
+    # Start from other weights when the workdir has no checkpoint: 'PATH[:SUBTREE[,SUBTREE...]]'.
+    # PATH is a workdir, its checkpoints/ dir or one step dir; SUBTREE a '/'-joined param path
+    # prefix (e.g. 'image,image_proj' for LiT). '' = from scratch.
+    c.checkpoint.init_from = ""
 
     # --- Logging ---------------------------------------------------------------------------
     c.log = ConfigDict()
     c.log.progress = True  # tqdm progress bar on stderr
     c.log.tensorboard = True
+    # (first, last) steps to trace with the JAX profiler into WORKDIR/profile; () = off.
+    c.log.profile_steps = ()
+    # Peak FLOP/s of ONE device for MFU; <= 0: a known accelerator's datasheet value, else (CPU)
+    # measured with a matmul at start-up.
+    c.log.peak_flops_per_device = -1.0
     return c
 
 

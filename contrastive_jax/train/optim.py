@@ -1,71 +1,203 @@
 """Optimizer and learning-rate schedule factory (optax), configured by ``config.optim``.
 
-Weight-decay exclusion is a tuple of regexes over '/'-joined parameter paths (``config.optim.
-no_decay``): norms, biases and the loss's learnable scale/bias are not decayed, as in CLIP.
+Optimizers: AdamW, LAMB (You et al. 2019), LARS (You et al. 2017), Adafactor (Shazeer & Stern
+2018) and SGD with momentum. Schedules (LR per update, all with a linear warmup from 0):
+``warmup_cosine``, ``warmup_linear``, ``rsqrt``, ``constant`` and ``wsd`` (warmup-stable-decay, the
+"infinite" schedule of continual pre-training: a long flat phase, then a short final decay).
+
+Per-parameter behaviour comes from regex tables over '/'-joined parameter paths (``re.fullmatch``,
+e.g. ``image/encoder/block_0/attn/query/kernel``):
+
+- ``optim.freeze``: frozen parameters get no update, NO optimizer state (``optax.multi_transform``
+  with ``set_to_zero``) and, in the train step, no gradient computation at all;
+- ``optim.no_decay``: excluded from weight decay (norms, biases, the loss's scale/bias, ...);
+- ``optim.lr_multipliers``: ``[(regex, multiplier)]``, first match wins, scales the update (and so
+  the effective learning rate, weight decay included) of the matching parameters.
+
+Gradient clipping (global norm) is computed over the trainable parameters only.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from contrastive_jax.parallel.sharding import path_str
 
+SCHEDULES = ("warmup_cosine", "warmup_linear", "rsqrt", "constant", "wsd")
+OPTIMIZERS = ("adamw", "lamb", "lars", "adafactor", "sgd")
 
-def make_schedule(optim_config: Any, total_steps: int) -> optax.Schedule:
-    """Learning rate (units: per update) as a function of the step.
+TRAINABLE, FROZEN = "trainable", "frozen"
 
-    ``warmup_cosine``: linear warmup from 0 over ``warmup_steps``, then cosine decay to
-    ``lr * end_lr_fraction`` at ``total_steps``. ``constant``: linear warmup, then flat.
+
+def _warmup_steps(optim_config: Any, warmup_steps: int | None) -> int:
+    if warmup_steps is not None:
+        return int(warmup_steps)
+    value = optim_config.get("warmup_steps", -1)
+    return max(int(value), 0) if value is not None else 0
+
+
+def make_schedule(optim_config: Any, total_steps: int, warmup_steps: int | None = None) -> optax.Schedule:
+    """Learning rate (per update) as a function of the step ``t`` (0-based update count).
+
+    All schedules ramp linearly from 0 to ``lr`` over ``w = warmup`` steps, then (``T = total``,
+    ``f = end_lr_fraction``):
+
+    - ``warmup_cosine``: ``lr * (f + (1 - f) * (1 + cos(pi * p)) / 2)``, ``p = (t - w) / (T - w)``;
+    - ``warmup_linear``: ``lr * (1 - (1 - f) * p)``;
+    - ``rsqrt``: ``lr / sqrt(1 + (t - w) / rsqrt_timescale)`` (no end: for open-ended runs);
+    - ``constant``: ``lr``;
+    - ``wsd``: ``lr`` until ``T - d`` with ``d = round(decay_fraction * T)``, then decays to
+      ``f * lr`` at ``T`` with ``decay_shape`` 'linear' (``1 - q``), 'cosine' or 'sqrt'
+      (``1 - sqrt(q)``), ``q`` the progress through the decay.
+
+    Args:
+      warmup_steps: overrides ``optim_config.warmup_steps`` (the trainer passes the value resolved
+        from steps / epochs / examples).
     """
     lr = float(optim_config.lr)
-    warmup = int(min(optim_config.warmup_steps, max(total_steps - 1, 0)))
+    total = max(int(total_steps), 1)
+    warmup = min(_warmup_steps(optim_config, warmup_steps), total - 1) if total > 1 else 0
+    f = float(optim_config.get("end_lr_fraction", 0.0))
     name = optim_config.schedule
-    if name == "warmup_cosine":
-        return optax.warmup_cosine_decay_schedule(
-            init_value=0.0,
-            peak_value=lr,
-            warmup_steps=warmup,
-            decay_steps=max(total_steps, warmup + 1),
-            end_value=lr * float(optim_config.end_lr_fraction),
-        )
-    if name == "constant":
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, max(warmup, 1)), optax.constant_schedule(lr)], [warmup]
-        )
-    raise ValueError(f"unknown config.optim.schedule {name!r}; known: warmup_cosine, constant")
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown config.optim.schedule {name!r}; known: {', '.join(SCHEDULES)}")
+    timescale = float(optim_config.get("rsqrt_timescale", 10000))
+    decay_len = max(int(round(float(optim_config.get("decay_fraction", 0.2)) * total)), 1)
+    shape = optim_config.get("decay_shape", "sqrt")
+    if name == "wsd" and shape not in ("linear", "cosine", "sqrt"):
+        raise ValueError(f"unknown config.optim.decay_shape {shape!r}; known: linear, cosine, sqrt")
+
+    def decay_factor(q):
+        if shape == "linear":
+            return 1.0 - q
+        if shape == "cosine":
+            return 0.5 * (1.0 + jnp.cos(jnp.pi * q))
+        return 1.0 - jnp.sqrt(q)
+
+    def schedule(step):
+        t = jnp.asarray(step, jnp.float32)
+        ramp = t / max(warmup, 1) if warmup > 0 else jnp.ones_like(t)
+        p = jnp.clip((t - warmup) / max(total - warmup, 1), 0.0, 1.0)
+        if name == "warmup_cosine":
+            after = f + (1.0 - f) * 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+        elif name == "warmup_linear":
+            after = 1.0 - (1.0 - f) * p
+        elif name == "rsqrt":
+            after = 1.0 / jnp.sqrt(1.0 + jnp.maximum(t - warmup, 0.0) / timescale)
+        elif name == "constant":
+            after = jnp.ones_like(t)
+        else:  # wsd
+            q = jnp.clip((t - (total - decay_len)) / decay_len, 0.0, 1.0)
+            after = f + (1.0 - f) * decay_factor(q)
+        return lr * jnp.where(t < warmup, ramp, after)
+
+    return schedule
 
 
-def decay_mask(params: Any, no_decay: tuple[str, ...]) -> Any:
+def _matcher(patterns: Sequence[str]) -> Callable[[str], bool]:
+    compiled = [re.compile(p) for p in patterns]
+    return lambda name: any(p.fullmatch(name) for p in compiled)
+
+
+def decay_mask(params: Any, no_decay: Sequence[str]) -> Any:
     """Pytree of bools: True where weight decay applies (no ``no_decay`` regex matches the path)."""
-    patterns = [re.compile(p) for p in no_decay]
+    excluded = _matcher(no_decay)
+    return jax.tree_util.tree_map_with_path(lambda path, _: not excluded(path_str(path)), params)
+
+
+def trainable_mask(params: Any, freeze: Sequence[str]) -> Any:
+    """Pytree of bools: True for parameters that train (no ``freeze`` regex matches the path)."""
+    frozen = _matcher(freeze)
+    return jax.tree_util.tree_map_with_path(lambda path, _: not frozen(path_str(path)), params)
+
+
+def lr_multiplier_tree(params: Any, rules: Sequence[Sequence[Any]]) -> Any:
+    """Pytree of floats: the first matching ``(regex, multiplier)`` rule's multiplier, else 1."""
+    compiled = [(re.compile(p), float(m)) for p, m in rules]
 
     def one(path, _):
         name = path_str(path)
-        return not any(p.fullmatch(name) for p in patterns)
+        for pattern, mult in compiled:
+            if pattern.fullmatch(name):
+                return mult
+        return 1.0
 
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def make_optimizer(optim_config: Any, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-    """Returns ``(tx, schedule)``: optax transformation (clipping + optimizer) and its LR schedule."""
-    schedule = make_schedule(optim_config, total_steps)
+def scale_by_multipliers(rules: Sequence[Sequence[Any]]) -> optax.GradientTransformation:
+    """Multiplies each parameter's update by its ``lr_multipliers`` value (stateless)."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        mults = lr_multiplier_tree(updates, rules)
+        return jax.tree.map(lambda u, m: u if m == 1.0 else u * jnp.asarray(m, u.dtype), updates, mults), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _base_optimizer(optim_config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     name = optim_config.name
+    wd = float(optim_config.weight_decay)
+    no_decay = tuple(optim_config.no_decay)
+
+    def mask(p):
+        return decay_mask(p, no_decay)
+
     if name == "adamw":
-        opt = optax.adamw(
-            learning_rate=schedule,
-            b1=optim_config.b1,
-            b2=optim_config.b2,
-            eps=optim_config.eps,
-            weight_decay=optim_config.weight_decay,
-            mask=lambda p: decay_mask(p, tuple(optim_config.no_decay)),
-        )
-    else:
-        raise ValueError(f"unknown config.optim.name {name!r}; known: adamw")
+        return optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                           weight_decay=wd, mask=mask)
+    if name == "lamb":
+        return optax.lamb(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                          weight_decay=wd, mask=mask)
+    if name == "lars":
+        # The trust ratio is skipped for the same params that skip decay (biases, norms), as in
+        # the LARS paper's practice for BN/bias parameters.
+        return optax.lars(schedule, weight_decay=wd, weight_decay_mask=mask, trust_ratio_mask=mask,
+                          trust_coefficient=float(optim_config.get("lars_trust_coefficient", 0.001)),
+                          momentum=float(optim_config.momentum), nesterov=bool(optim_config.nesterov))
+    if name == "adafactor":
+        return optax.adafactor(schedule, factored=bool(optim_config.get("adafactor_factored", True)),
+                               multiply_by_parameter_scale=False, clipping_threshold=None,
+                               weight_decay_rate=wd or None, weight_decay_mask=mask)
+    if name == "sgd":
+        # Coupled L2 decay (added to the gradient before momentum), the usual SGD convention.
+        parts = [optax.add_decayed_weights(wd, mask)] if wd else []
+        momentum = float(optim_config.momentum)
+        parts.append(optax.sgd(schedule, momentum=momentum or None, nesterov=bool(optim_config.nesterov)))
+        return optax.chain(*parts)
+    raise ValueError(f"unknown config.optim.name {name!r}; known: {', '.join(OPTIMIZERS)}")
+
+
+def make_optimizer(
+    optim_config: Any, total_steps: int, warmup_steps: int | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Returns ``(tx, schedule)``.
+
+    ``tx`` = (clip by global norm -> optimizer -> LR multipliers) on the trainable parameters,
+    ``set_to_zero`` (no state) on the ``optim.freeze`` ones. See the module docstring.
+    """
+    schedule = make_schedule(optim_config, total_steps, warmup_steps)
     parts = []
     if optim_config.grad_clip_norm and optim_config.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))
-    parts.append(opt)
-    return optax.chain(*parts), schedule
+    parts.append(_base_optimizer(optim_config, schedule))
+    multipliers = [tuple(r) for r in optim_config.get("lr_multipliers", [])]
+    if multipliers:
+        parts.append(scale_by_multipliers(multipliers))
+    tx = optax.chain(*parts)
+    freeze = tuple(optim_config.get("freeze", ()))
+    if freeze:
+        def labels(params):
+            return jax.tree.map(lambda t: TRAINABLE if t else FROZEN, trainable_mask(params, freeze))
+
+        tx = optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+    return tx, schedule
+

@@ -23,12 +23,17 @@ class TrainState:
       opt_state: the optax state for ``params``.
       rng: uint32 [2] raw PRNG key; per-step keys are ``fold_in(rng, step)`` so a resumed run
         draws the same randomness as an uninterrupted one.
+      ema_params: exponential moving average of ``params`` (``config.optim.ema_decay > 0``), else
+        None.
+      nonfinite_steps: int32 scalar, steps whose update was skipped for a NaN/inf loss or gradient.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    ema_params: Any = None
+    nonfinite_steps: jax.Array | None = None
 
 
 def state_shardings(abstract_state: TrainState, tx: optax.GradientTransformation, rules: Sequence, mesh: Mesh) -> TrainState:
@@ -43,28 +48,12 @@ def state_shardings(abstract_state: TrainState, tx: optax.GradientTransformation
         params_sh,
         transform_non_params=lambda _: replicated,
     )
-    return TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated)
+    ema_sh = None if abstract_state.ema_params is None else params_sh
+    return TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated,
+                      ema_params=ema_sh, nonfinite_steps=replicated)
 
 
-def create_train_state(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    sample_inputs: Sequence[jax.Array],
-    *,
-    seed: int,
-    rules: Sequence,
-    mesh: Mesh,
-) -> tuple[TrainState, TrainState]:
-    """Initializes the state already sharded: shapes from ``jax.eval_shape``, then one jitted init
-    with ``out_shardings`` so no device ever holds an unsharded copy of the parameters.
-
-    Args:
-      sample_inputs: arrays with the per-example shapes/dtypes the model is applied to (a batch
-        of 1 is enough); only their shapes are used.
-
-    Returns:
-      ``(state, shardings)``.
-    """
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, sample_inputs: Sequence[Any], ema: bool):
     samples = [jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype) for x in sample_inputs]
 
     def init(rng):
@@ -76,10 +65,46 @@ def create_train_state(
             params=params,
             opt_state=tx.init(params),
             rng=jax.random.key_data(state_rng) if jnp.issubdtype(state_rng.dtype, jax.dtypes.prng_key) else state_rng,
+            ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+            nonfinite_steps=jnp.zeros((), jnp.int32),
         )
 
+    return init
+
+
+def abstract_train_state(
+    model: nn.Module, tx: optax.GradientTransformation, sample_inputs: Sequence[Any], *, rules: Sequence,
+    mesh: Mesh, ema: bool = False,
+) -> tuple[TrainState, TrainState]:
+    """``(abstract_state, shardings)``: the state's shapes/dtypes (``jax.ShapeDtypeStruct``) and
+    placement, without allocating anything (for restoring a checkpoint straight into place)."""
+    abstract = jax.eval_shape(_init_fn(model, tx, sample_inputs, ema), jax.random.PRNGKey(0))
+    return abstract, state_shardings(abstract, tx, rules, mesh)
+
+
+def create_train_state(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    sample_inputs: Sequence[Any],
+    *,
+    seed: int,
+    rules: Sequence,
+    mesh: Mesh,
+    ema: bool = False,
+) -> tuple[TrainState, TrainState]:
+    """Initializes the state already sharded: shapes from ``jax.eval_shape``, then one jitted init
+    with ``out_shardings`` so no device ever holds an unsharded copy of the parameters.
+
+    Args:
+      sample_inputs: arrays with the per-example shapes/dtypes the model is applied to (a batch
+        of 1 is enough); only their shapes are used.
+      ema: also hold an EMA copy of the parameters (initialized to them).
+
+    Returns:
+      ``(state, shardings)``.
+    """
+    init = _init_fn(model, tx, sample_inputs, ema)
     rng = jax.random.PRNGKey(seed)
-    abstract = jax.eval_shape(init, rng)
-    shardings = state_shardings(abstract, tx, rules, mesh)
+    shardings = state_shardings(jax.eval_shape(init, rng), tx, rules, mesh)
     state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings
