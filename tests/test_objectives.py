@@ -243,7 +243,7 @@ def test_symile_n_squared_matches_reference():
     x, y = data(seed=3, b=6)
     z = unit(np.random.default_rng(4).standard_normal((6, D)))
     f = lambda x, y: O.symile_loss([x, y, jnp.asarray(z, jnp.float32)], scale=3.0, negatives="n_squared")[0]
-    loss, (dx, dy) = jax.value_and_grad(f, argnums=(0, 1))(jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32))
+    loss, (dx, dy) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(*f32(x, y))
     ref = lambda a, b: ref_symile([a, b, z], 3.0, "n_squared")
     close(loss, ref(x, y), RTOL)
     gx, gy = fd_grad(ref, [x, y])
@@ -266,7 +266,7 @@ def test_dcl_has_no_positive_in_denominator():
     s, n = 5.0, 4
     e = np.eye(n, D)
     for impl in ("dense", "chunked"):
-        loss, _ = O.decoupled_contrastive_loss(*f32(e, e), scale=s, impl=impl, block_size=3)
+        loss, _ = jax.jit(lambda a, b: O.decoupled_contrastive_loss(a, b, scale=s, impl=impl, block_size=3))(*f32(e, e))
         close(loss, -s + np.log(n - 1))
 
 
@@ -282,8 +282,8 @@ def test_dclw_equals_dcl_when_all_positives_agree():
 @pytest.mark.parametrize("impl", ["dense", "chunked"])
 def test_hard_negative_beta0_is_infonce(impl):
     x, y = f32(*data(seed=2))
-    a, _ = O.hard_negative_loss(x, y, scale=6.0, beta=0.0, impl=impl, block_size=5)
-    b = L.softmax_contrastive_loss(x, y, scale=6.0)
+    a, _ = jax.jit(lambda x, y: O.hard_negative_loss(x, y, scale=6.0, beta=0.0, impl=impl, block_size=5))(x, y)
+    b = jax.jit(lambda x, y: L.softmax_contrastive_loss(x, y, scale=6.0))(x, y)
     close(a, b, RTOL)
 
 
@@ -296,9 +296,10 @@ def test_hard_negative_false_negative_mask_removes_the_duplicate():
     thr = float(x[0] @ y[0]) - 1e-3
     cos = x @ y.T
     expected_frac = np.sum((cos > thr) & (np.eye(6) == 0)) / 30
-    masked, met = O.hard_negative_loss(*f32(x, y), scale=5.0, beta=0.0, fn_threshold=thr)
+    hn = jax.jit(lambda a, b, t: O.hard_negative_loss(a, b, scale=5.0, beta=0.0, fn_threshold=t), static_argnums=2)
+    masked, met = hn(*f32(x, y), thr)
     close(masked, ref_hard_negative(x, y, 5.0, 0.0, 0.0, thr), RTOL)
-    unmasked, _ = O.hard_negative_loss(*f32(x, y), scale=5.0, beta=0.0)
+    unmasked, _ = hn(*f32(x, y), 1.0)
     assert float(masked) < float(unmasked)
     assert expected_frac >= 2 / 30
     close(met["fn_masked_frac"], expected_frac)
@@ -344,14 +345,15 @@ def test_symile_with_two_modalities_is_clip():
     x, y = f32(*data(seed=6, b=8))
     clip = L.softmax_contrastive_loss(x, y, scale=5.0)
     for neg, impl in (("n", "chunked"), ("n_squared", "dense")):
-        close(O.symile_loss([x, y], scale=5.0, negatives=neg, impl=impl, block_size=3)[0], clip, RTOL)
+        f = jax.jit(lambda x, y: O.symile_loss([x, y], scale=5.0, negatives=neg, impl=impl, block_size=3)[0])
+        close(f(x, y), clip, RTOL)
 
 
 def test_distillation_from_itself_is_zero_with_zero_gradient():
     x, y = f32(*data(seed=8))
     f = lambda x, y: O.similarity_distillation_loss(x, y, x, y, scale=6.0, teacher_scale=6.0, impl="chunked",
                                                     block_size=5)[0]
-    loss, (dx, dy) = jax.value_and_grad(f, argnums=(0, 1))(x, y)
+    loss, (dx, dy) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, y)
     assert abs(float(loss)) < 1e-6
     assert float(jnp.max(jnp.abs(dx))) < 1e-5 and float(jnp.max(jnp.abs(dy))) < 1e-5
 
