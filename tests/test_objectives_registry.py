@@ -122,7 +122,7 @@ def test_streamed_objective_holds_no_b_by_b_array(name, impl):
 
     spec = jax.ShapeDtypeStruct((Bq, Dq), jnp.float32, sharding=sh)
     text = jax.jit(jax.grad(f, argnums=(0, 1))).lower(spec, spec).compile().as_text()
-    big = _big_2d_arrays(text, block * 4)
+    big = _big_2d_arrays(text, block * 2)
     assert bool(big) == (impl == "dense"), f"{name}/{impl}: [B, B]-sized arrays in the HLO: {big}"
 
 
