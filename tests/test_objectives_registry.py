@@ -2,6 +2,7 @@
 fields are rejected with the field named, the streamed objectives hold no [B, B] array, and
 the example configs load and build."""
 import glob
+import json
 import os
 
 import jax
@@ -133,3 +134,20 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(REPO, "configs", "*.py")) if 
 def test_example_configs_load_and_build_their_objective(path):
     c = load_config(path)
     L.make_objective(c.loss, model_config=c.model)
+
+
+@pytest.mark.parametrize("name", ["simclr"])
+def test_example_config_trains_two_steps(tmp_path, name):
+    # SimCLR exercises the most new pieces at once: the image-only multiview model, the data's
+    # image_views and the NT-Xent objective streamed over the 8-device mesh.
+    from contrastive_jax.train.loop import train
+
+    c = load_config(os.path.join(REPO, "configs", f"{name}.py") + ":tiny",
+                    ["log.progress=false", "train.total_steps=2", "train.batch_size=16", "eval.every_steps=-1",
+                     "data.num_train=64", "data.num_validation=16", "data.num_test=16"])
+    c.data.data_dir = str(tmp_path / "tfds")
+    summary = train(c, str(tmp_path / "run"))
+    assert summary["steps"] == 2
+    with open(tmp_path / "run" / "metrics.jsonl") as fh:
+        losses = [json.loads(line)["train/loss"] for line in fh if "train/loss" in line]
+    assert losses and all(np.isfinite(losses))

@@ -27,6 +27,7 @@ from contrastive_jax.models.build import (
     sample_inputs,
 )
 from contrastive_jax.models.generic import MlpEncoder, SignalTransformer
+from contrastive_jax.models.multiview import MultiView  # registers model.name 'multiview' and 'slip'
 from contrastive_jax.models.layers import (
     ACTIVATIONS,
     DenseGeneral,

@@ -1,0 +1,28 @@
+"""Hard-negative reweighting (Robinson et al. 2021) with debiasing and false-negative masking.
+
+    contrastive-jax train --config configs/hard_negative.py --workdir runs/hard_negative
+
+Shapes captions repeat (a few kinds x colours x sizes x positions), so a batch holds many true
+matches among its "negatives": ``tau_plus`` debiases for them and pairs whose cosine exceeds
+``fn_threshold`` are dropped as false negatives.
+"""
+import importlib.util
+import os
+
+
+def _quickstart(arg):
+    """configs/quickstart.py's config (its ``tiny`` variant for arg='tiny')."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
+    spec = importlib.util.spec_from_file_location("_quickstart_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if arg not in (None, "tiny"):
+        raise ValueError(f"unknown variant {arg!r}; known: tiny")
+    return module.get_config(arg)
+
+
+def get_config(arg=None):
+    c = _quickstart(arg)
+    c.loss = dict(name="hard_negative", impl="chunked", block_size=128,
+                  hard_negative=dict(beta=0.5, tau_plus=0.05, fn_threshold=0.95))
+    return c

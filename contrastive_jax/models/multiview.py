@@ -1,0 +1,122 @@
+"""Multi-view image models for SimCLR (image only) and SLIP (image-text plus image views).
+
+``model.name = 'multiview'`` (SimCLR, Chen et al. 2020): one image encoder and an MLP head embed
+every augmented view; ``modalities = ('image_views',)`` (the batch's ``image_views`` ``[B, V, H,
+W, 3]``, from ``config.data.num_views >= 2``). Outputs ``image_views`` ``[B, V, D]`` and
+``image`` (view 0) ``[B, D]``, float32 unit vectors, plus ``scale`` / ``bias``.
+
+``model.name = 'slip'`` (SLIP, Mu et al. 2022, "SLIP: Self-supervision meets Language-Image
+Pre-training"): the two-tower CLIP model plus a separate MLP head on the same image encoder for
+the views; ``modalities = ('image_views', 'text')``; the CLIP image embedding is view 0 through
+the CLIP head. Outputs ``image``, ``text`` ``[B, D]`` and ``image_views`` ``[B, V, D]``.
+
+Both follow the model contract of :mod:`contrastive_jax.models.towers` (``encode(name, x)``:
+``'image'`` embeds plain images ``[B, H, W, 3]`` through the head used for evaluation).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from contrastive_jax.models.build import IMAGE_TOWERS, TEXT_TOWERS, _head_kwargs, _lookup, register_model
+from contrastive_jax.models.layers import l2_normalize
+from contrastive_jax.models.towers import MlpHead, _ScaleBias, make_head
+
+
+class MultiView(_ScaleBias):
+    """Image encoder (+ optional text encoder) with a view head; see the module docstring.
+
+    Attributes:
+      image: image encoder ``[N, H, W, 3] -> [N, width]``. text: text encoder or None (SimCLR).
+      embed_dim: ``D``. view_hidden: hidden width of the views' MLP head (0: the encoder width).
+      head / head_hidden / head_act / head_bias: the CLIP heads (SLIP only).
+    """
+
+    image: nn.Module
+    text: Any = None
+    embed_dim: int = 128
+    view_hidden: int = 0
+    scale_init: float = math.log(10.0)
+    bias_init: float = 0.0
+    max_scale: float = 100.0
+    head: str = "linear"
+    head_hidden: int = 0
+    head_act: str = "gelu"
+    head_bias: bool = False
+    dtype: Any = jnp.float32
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return ("image_views",) if self.text is None else ("image_views", "text")
+
+    def setup(self):
+        self.view_proj = MlpHead(self.embed_dim, self.view_hidden, "relu", True, dtype=self.dtype)
+        if self.text is not None:
+            kw = dict(hidden=self.head_hidden, act=self.head_act, use_bias=self.head_bias, dtype=self.dtype)
+            self.image_proj = make_head(self.head, self.embed_dim, **kw)
+            self.text_proj = make_head(self.head, self.embed_dim, **kw)
+        self.log_scale, self.logit_bias = self._scale_bias_params()
+
+    def _views(self, views, train):
+        if views.ndim != 5:
+            raise ValueError(f"image_views must be [B, V, H, W, C]; got shape {views.shape}")
+        b, v = views.shape[:2]
+        feats = self.image(views.reshape((b * v,) + views.shape[2:]), train=train)
+        return feats.reshape((b, v) + feats.shape[1:])
+
+    def encode(self, name: str, x: jax.Array, train: bool = False) -> jax.Array:
+        """``'image'``: ``[B, H, W, 3]`` -> ``[B, D]`` (CLIP head for SLIP, view head for SimCLR);
+        ``'text'`` (SLIP): ``[B, L]`` -> ``[B, D]``. float32, unit norm."""
+        if name == "image":
+            f = self.image(x, train=train)
+            return l2_normalize(self.view_proj(f) if self.text is None else self.image_proj(f))
+        if name == "text" and self.text is not None:
+            return l2_normalize(self.text_proj(self.text(x, train=train)))
+        raise ValueError(f"model has modalities {self.modalities} (encode: 'image'{', text' if self.text else ''}), "
+                         f"not {name!r}")
+
+    def __call__(self, views: jax.Array, text: jax.Array | None = None, *, train: bool = False) -> dict:
+        feats = self._views(views, train)
+        out = {"image_views": l2_normalize(self.view_proj(feats))}
+        if self.text is None:
+            out["image"] = out["image_views"][:, 0]
+        else:
+            if text is None:
+                raise ValueError("the slip model expects inputs (image_views, text)")
+            out["image"] = l2_normalize(self.image_proj(feats[:, 0]))
+            out["text"] = l2_normalize(self.text_proj(self.text(text, train=train)))
+        out["scale"], out["bias"] = self.scale_and_bias()
+        return out
+
+
+def _build(model_config, dtype, with_text: bool) -> MultiView:
+    image = _lookup(IMAGE_TOWERS, model_config.image.name, "model.image.name")(model_config.image, dtype)
+    text = None
+    if with_text:
+        text = _lookup(TEXT_TOWERS, model_config.text.name, "model.text.name")(model_config.text, dtype)
+    head = _head_kwargs(model_config)
+    return MultiView(
+        image=image, text=text, embed_dim=int(model_config.embed_dim),
+        view_hidden=int(model_config.get("head_hidden", 0)),
+        scale_init=float(model_config.scale_init), bias_init=float(model_config.bias_init),
+        max_scale=float(model_config.max_scale), head=model_config.get("head", "linear"),
+        head_hidden=head["hidden"], head_act=head["act"], head_bias=head["use_bias"], dtype=dtype,
+    )
+
+
+def build_multiview(model_config, dtype) -> MultiView:
+    """``model.name = 'multiview'``: SimCLR's image-only model (``model.image`` group)."""
+    return _build(model_config, dtype, with_text=False)
+
+
+def build_slip(model_config, dtype) -> MultiView:
+    """``model.name = 'slip'``: CLIP towers (``model.image``, ``model.text``) plus a view head."""
+    return _build(model_config, dtype, with_text=True)
+
+
+register_model("multiview", build_multiview)
+register_model("slip", build_slip)
