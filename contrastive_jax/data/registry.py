@@ -65,6 +65,7 @@ _DATASETS: dict[str, DatasetEntry] = {
         class_names=shapes.ATTRIBUTES,
         zero_shot_templates=shapes.ZERO_SHOT_TEMPLATES,
         zero_shot_prompts=shapes.ensemble_prompts,
+        extra_features=("attributes",),  # float32 [18], Symile's third modality
     ),
 }
 
