@@ -55,6 +55,10 @@ def default_config() -> ConfigDict:
     # 'fsdp' (largest dim divisible by the 'fsdp' axis size is sharded over it), or a tuple of
     # mesh-axis names / None, one per array dim.
     c.sharding.rules = [(".*", "fsdp")]
+    # Logical-axis placement (contrastive_jax/parallel/logical.py): None = use the regex rules above;
+    # a preset 'data' | 'fsdp' | 'tensor' | 'fsdp_tensor', or [(logical_name, mesh_axes), ...].
+    # When set it places the parameters (the regex rules are then unused) and shards activations.
+    c.sharding.logical_rules = None
 
     # --- Data, model, loss: each package owns its group's schema -----------------------------
     c.data = data_config.defaults()
