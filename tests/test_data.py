@@ -219,7 +219,7 @@ def test_images_show_the_labelled_colour_position_and_size(records):
 def test_train_batches_shapes_dtypes_and_alignment(cfg, tok, records, train_index):
     it = _iterator(cfg, tok, 16)
     for batch in _take(it, 3):
-        assert set(batch) == {"image", "text", "kind", "color", "size", "position"}
+        assert set(batch) == {"image", "text", "kind", "color", "size", "position", "attributes"}
         assert batch["image"].dtype == np.float32 and batch["image"].shape == (16, 64, 64, 3)
         assert batch["text"].dtype == np.int32 and batch["text"].shape == (16, cfg.max_text_len)
         for k in ("kind", "color", "size", "position"):
@@ -284,7 +284,7 @@ def test_iterator_state_round_trip(cfg, tok):
 
 def test_load_eval_arrays(cfg, tok, records):
     ev = data.load_eval_arrays(cfg, "test", tokenizer=tok)
-    assert set(ev) == {"image", "text", "caption", "kind", "color", "size", "position"}
+    assert set(ev) == {"image", "text", "caption", "kind", "color", "size", "position", "attributes"}
     assert ev["image"].shape == (N_TEST, 64, 64, 3) and ev["image"].dtype == np.float32
     assert ev["text"].shape == (N_TEST, cfg.max_text_len) and ev["text"].dtype == np.int32
     assert ev["caption"] == [r["caption"].decode() for r in records["test"]]
