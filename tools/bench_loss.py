@@ -8,7 +8,13 @@ time), matmul_gflops (median over repeats of the peak of a large jitted matmul i
 and dtype, probed right after each timed run so both see the same machine load),
 frac_of_matmul_peak (median over repeats of achieved / probed-peak).
 
-FLOP count: 6 * B^2 * D for both losses, i.e. the useful matmul work of the dense algorithm
+``--loss`` also takes any objective of ``contrastive_jax.losses.OBJECTIVES`` that works on
+image/text embeddings (dcl, dclw, hard_negative, cwcl, multi_positive, sigmoid_multi_positive,
+distill, symile; default config.loss fields): it is built with ``make_objective`` and fed
+``outputs = {image: x, text: y, attributes: z (symile), scale, bias}`` and ``batch = {group:
+i // 4, teacher_image: x, teacher_text: y}`` (cwcl's targets are the image embeddings).
+
+FLOP count: 6 * B^2 * D for every loss, i.e. the useful matmul work of the dense algorithm
 (forward logits 2*B^2*D, backward dx and dy 2*B^2*D each). ``chunked``/``ring`` actually run one
 more logits matmul in the backward (recompute, 8 * B^2 * D) and elementwise work (exp, softplus)
 is not counted, so the fraction is a conservative "useful work" efficiency.
@@ -27,9 +33,14 @@ import sys
 import time
 
 
+# Objectives benchmarked through the registry (see the module docstring).
+OBJECTIVE_NAMES = ["dcl", "dclw", "hard_negative", "cwcl", "multi_positive", "sigmoid_multi_positive", "distill",
+                   "symile"]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--loss", choices=["softmax", "sigmoid"], default="softmax")
+    p.add_argument("--loss", choices=["softmax", "sigmoid", *OBJECTIVE_NAMES], default="softmax")
     p.add_argument("--impl", choices=["dense", "chunked", "ring"], default="chunked")
     p.add_argument("--batch", type=int, default=8192, help="global batch B")
     p.add_argument("--dim", type=int, default=512, help="embedding dim D")
@@ -79,9 +90,23 @@ def main(argv=None):
     if args.loss == "softmax":
         def loss_fn(x, y, s, b):
             return losses.softmax_contrastive_loss(x, y, scale=s, **kw)
-    else:
+    elif args.loss == "sigmoid":
         def loss_fn(x, y, s, b):
             return losses.sigmoid_contrastive_loss(x, y, scale=s, bias=b, **kw)
+    else:
+        from contrastive_jax.losses import config as loss_config
+
+        cfg = loss_config.defaults()
+        cfg.update(name=args.loss, impl=args.impl, block_size=block)
+        objective = losses.make_objective(cfg, mesh, ("data",) if mesh is not None else None)
+        group = jnp.arange(B, dtype=jnp.int32) // 4
+
+        def loss_fn(x, y, s, b):
+            out = dict(image=x, text=y, scale=s, bias=b)
+            if args.loss == "symile":
+                z = x * y  # a third modality: any [B, D] array derived from the inputs
+                out["attributes"] = z / jnp.linalg.norm(z.astype(jnp.float32), axis=1, keepdims=True).astype(z.dtype)
+            return objective(out, dict(group=group, teacher_image=x, teacher_text=y))[0]
 
     out_sh = (None, (sharding, sharding, None, None)) if sharding is not None else None
     step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3)), out_shardings=out_sh)
