@@ -380,3 +380,59 @@ def test_text_last_pooling_reads_last_position():
     out, state = t.apply(v, tokens, capture_intermediates=True)
     hidden = state["intermediates"]["encoder"]["__call__"][0]
     np.testing.assert_allclose(out, hidden[:, -1], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting: FLOPs and the inspect command
+# ---------------------------------------------------------------------------------------------
+
+def transformer_forward_flops(tokens, width, depth, mlp):
+    """Hand count of a pre-norm encoder's matmul FLOPs for one sequence."""
+    qkv_out = 4 * 2 * tokens * width * width
+    attention = 2 * (2 * tokens * tokens * width)
+    mlp_flops = 2 * 2 * tokens * width * mlp
+    return depth * (qkv_out + attention + mlp_flops)
+
+
+def test_training_flops_match_hand_count():
+    from contrastive_jax.models.inspect import model_summary
+
+    cfg = tiny_cfg(pool="gap")
+    cfg.text.pool = "eos"
+    model = models.build(cfg)
+    inputs = (jax.ShapeDtypeStruct((3, 8, 8, 3), jnp.float32), jax.ShapeDtypeStruct((3, 6), jnp.int32))
+    s = model_summary(model, inputs, batch_size=64)
+    tokens = (8 // 4) ** 2
+    image = tokens * 2 * (4 * 4 * 3) * 32 + transformer_forward_flops(tokens, 32, 2, 64) + 2 * 32 * 16
+    text = transformer_forward_flops(6, 32, 2, 64) + 2 * 32 * 16  # embedding lookup: no FLOPs
+    assert s["towers"]["image"]["train_flops_per_example"] == 3 * image
+    assert s["towers"]["text"]["train_flops_per_example"] == 3 * text
+    assert s["loss_train_flops_per_example"] == 6 * 64 * 16
+    assert s["train_flops_per_example"] == 3 * (image + text) + 6 * 64 * 16
+    params = jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"]
+    assert s["towers"]["image"]["params"] == count(params["image"]) + count(params["image_proj"])
+    assert s["total_params"] == count(params)
+
+
+def test_scan_and_remat_do_not_change_counted_flops():
+    from contrastive_jax.models.inspect import model_summary
+
+    inputs = (jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32), jax.ShapeDtypeStruct((2, 6), jnp.int32))
+    plain = model_summary(models.build(tiny_cfg()), inputs)
+    scanned = model_summary(models.build(tiny_cfg(scan=True, remat="full")), inputs)
+    assert plain["train_flops_per_example"] == scanned["train_flops_per_example"] > 0
+
+
+def test_inspect_command_prints_published_counts(capsys):
+    from contrastive_jax import cli
+
+    assert cli.main(["inspect", "--config", os.path.join(ROOT, "configs", "clip.py") + ":vit_b32", "--json"]) == 0
+    import json
+
+    out = json.loads(capsys.readouterr().out)
+    assert out["total_params"] == 151_277_313 + 1
+    assert set(out["towers"]) == {"image", "text"} and out["inputs"]["image"] == [224, 224, 3]
+    # ViT-B/32 at 224 px: 4.4 GMACs forward (as timm lists it) = 8.8 GFLOPs; training 3x that.
+    assert 26.0e9 < out["towers"]["image"]["train_flops_per_example"] < 27.0e9
+    assert cli.main(["inspect", "--config", os.path.join(ROOT, "configs", "clip.py") + ":vit_b32",
+                     "--config.model.nope=1"]) == 2

@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": "eval",
     "report": "report",
     "data": "data",
+    "inspect": "inspect",
 }
 
 EXIT_CONFIG_ERROR = 2

@@ -45,7 +45,7 @@ from contrastive_jax.models.towers import MlpHead, NTower, TwoTower, logical_par
 from contrastive_jax.models.vit import VisionTransformer, vit_variant
 
 __all__ = [
-    "ACTIVATIONS", "DTYPES", "DenseGeneral", "ENCODERS", "Encoder", "EncoderBlock", "IMAGE_TOWERS",
+    "ACTIVATIONS", "DTYPES", "DenseGeneral", "ENCODERS", "Encoder", "EncoderBlock", "IMAGE_TOWERS", "MultiView",
     "LayerNorm", "MAPHead", "MODELS", "MlpBlock", "MlpEncoder", "MlpHead", "MultiHeadAttention", "NTower",
     "ResNet", "SignalTransformer", "TEXT_TOWERS", "TextTransformer", "TwoTower", "VisionTransformer",
     "build", "encoder_defaults", "l2_normalize", "logical_param_axes", "make_head", "register_encoder",
