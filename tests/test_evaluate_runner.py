@@ -161,3 +161,19 @@ def test_sharded_evaluation_equals_single_device_unpadded():
     for k in ref:
         assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
     assert 0 < ref["retrieval/text_to_image/R@10"] < 1  # a random model: not a degenerate case
+
+
+def test_encoders_return_the_embedding_before_normalization():
+    """The runner's encoders give the pre-normalization embedding (for the norm statistics);
+    normalized, it must equal the model's own encode_image / encode_text."""
+    model, params = tiny_model_and_params()
+    mesh = make_mesh([("data", 2)], jax.devices()[:2])
+    sh = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), params)
+    enc_i, enc_t = evaluate.make_encoders(model, mesh, ("data",), sh)
+    data = synthetic_set(4, 0)
+    for enc, x, method in ((enc_i, data["image"], "encode_image"), (enc_t, data["text"], "encode_text")):
+        raw = np.asarray(enc(params, x))
+        own = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, method=method))(params, x))
+        norms = np.linalg.norm(raw, axis=1)
+        assert np.all(np.abs(norms - 1) > 1e-3)  # really not normalized
+        np.testing.assert_allclose(raw / norms[:, None], own, rtol=1e-5, atol=1e-6)

@@ -109,6 +109,8 @@ def parse_evaluators(eval_config: Any, data_config: Any) -> list[EvaluatorSpec]:
         if tag and not tag.endswith("/"):
             tag += "/"
         options = {k: merged[k] for k in EVALUATORS[name]}
+        if "train_split" in options and options["train_split"] is None:
+            options["train_split"] = data_config.train_split
         if name == "zero_shot" and options["class_names"] is not None and options["label_key"] is None:
             raise ValueError(f"{where}: class_names needs label_key (the label array they index)")
         specs.append(EvaluatorSpec(name, dataset, split, int(merged["every_steps"]), max_examples, tag, options))
@@ -116,16 +118,26 @@ def parse_evaluators(eval_config: Any, data_config: Any) -> list[EvaluatorSpec]:
 
 
 def _encode_method(model, side: str):
-    """``encode_image`` / ``encode_text`` of a two-tower model, else ``encode(side, x)``."""
-    if hasattr(model, f"encode_{side}"):
-        return f"encode_{side}"
-    if hasattr(model, "encode"):
-        return lambda m, x: m.encode(side, x)
-    raise ValueError(f"model {type(model).__name__} has neither encode_{side} nor encode(name, x)")
+    """A method returning the embedding BEFORE its L2 normalization where the model exposes
+    the parts (two-tower: ``{side}_proj(side(x))``; evaluation normalizes, and the norms feed the
+    diagnostics), else the model's own ``encode_{side}`` / ``encode(side, x)``."""
+
+    def method(m, x):
+        tower, head = getattr(m, side, None), getattr(m, f"{side}_proj", None)
+        if callable(tower) and callable(head):
+            return head(tower(x, train=False))
+        if hasattr(m, f"encode_{side}"):
+            return getattr(m, f"encode_{side}")(x)
+        return m.encode(side, x)
+
+    if not (hasattr(model, f"encode_{side}") or hasattr(model, "encode")):
+        raise ValueError(f"model {type(model).__name__} has neither encode_{side} nor encode(name, x)")
+    return method
 
 
 def make_encoders(model, mesh: Mesh, batch_axes: Sequence[str], param_shardings: Any):
-    """Jitted, sharded ``(params, batch) -> [B, D]`` image and text encoders."""
+    """Jitted, sharded ``(params, batch) -> [B, D]`` image and text encoders (embeddings before
+    the final L2 normalization where the model exposes it; see :func:`_encode_method`)."""
     in_sh = batch_sharding(mesh, batch_axes)
 
     def make(side):
@@ -181,9 +193,11 @@ class Evaluation:
         if key not in cache:
             data = self.load_arrays(dataset, split, max_examples)
             feats = {"data": data}
-            feats["image"] = l2_normalize_np(encode_in_batches(self.encode_image, data["image"], self.batch_size))
+            feats["raw_image"] = encode_in_batches(self.encode_image, data["image"], self.batch_size)
+            feats["image"] = l2_normalize_np(feats["raw_image"])
             if "text" in data:
-                feats["text"] = l2_normalize_np(encode_in_batches(self.encode_text, data["text"], self.batch_size))
+                feats["raw_text"] = encode_in_batches(self.encode_text, data["text"], self.batch_size)
+                feats["text"] = l2_normalize_np(feats["raw_text"])
             cache[key] = feats
         return cache[key]
 
@@ -263,15 +277,15 @@ class Evaluation:
                     results[f"{spec.tag}{pre}retrieval/{k}"] = float(v)
 
     def _diagnostics(self, spec, feats, results, details):
-        out = diag.representation_diagnostics(feats["image"], feats.get("text"),
-                                              max_items=int(spec.options["max_items"]))
+        out = diag.representation_diagnostics(feats["image"], feats.get("text"), raw_image=feats["raw_image"],
+                                              raw_text=feats.get("raw_text"), max_items=int(spec.options["max_items"]))
         for k, v in out.items():
             results[f"{spec.tag}diag/{k}"] = v
 
     def _probe(self, spec, feats, results, details, cache):
         opts = spec.options
         info = self.dataset_info(spec.dataset)
-        train_split = opts["train_split"] or "train"
+        train_split = opts["train_split"]
         train = self._features(cache, spec.dataset, train_split, int(opts["train_examples"]))
         keys = opts["label_keys"] or [k for k in info["label_keys"] if k in feats["data"]]
         for attr in keys:
@@ -405,9 +419,12 @@ class EvalRunner:
             zero_shot_ks=tuple(config.eval.get("zero_shot_ks", (1, 5))),
             matryoshka_dims=tuple(config.model.get("matryoshka_dims", ()) or ()),
             mesh=mesh, batch_axes=self.batch_axes, image_mean=config.data.mean, image_std=config.data.std)
-        # Load every eval set now: a missing split or label fails at start-up, not mid-run.
+        # Load every eval set now (and the probes' train features): a missing split or label
+        # fails at start-up, not at the end of a long run.
         for s in self.specs:
             load(s.dataset, s.split, s.max_examples)
+            if "train_split" in s.options:
+                load(s.dataset, s.options["train_split"], int(s.options["train_examples"]))
 
     def _interval(self, spec: EvaluatorSpec) -> int:
         return self.default_every if spec.every_steps < 0 else spec.every_steps
