@@ -114,28 +114,32 @@ def plot_loss(records, path: str) -> str | None:
     return path
 
 
-def _accuracy_keys(records) -> list[str]:
-    keys = sorted({k for r in records for k in r if k.startswith("eval/")})
-    wanted = [k for k in keys if "mrl" not in k and (
-        (k.startswith("eval/zeroshot/") and k.endswith("/top1"))
-        or (k.startswith("eval/retrieval/") and k.endswith("/R@1"))
-        or (k.endswith("/top1") and any(p in k for p in ("eval/probe/", "eval/knn/"))))]
-    return wanted
+_ACCURACY_PANELS = (
+    ("Zero-shot top-1 accuracy", lambda k: k.startswith("eval/zeroshot/") and k.endswith("/top1")),
+    ("Retrieval recall@1", lambda k: k.startswith("eval/retrieval/") and k.endswith("/R@1")),
+    ("Probe top-1 accuracy (ridge, logistic, k-NN)",
+     lambda k: k.startswith(("eval/probe/", "eval/knn/")) and k.endswith("/top1")),
+)
 
 
 def plot_accuracy(records, path: str) -> str | None:
-    keys = _accuracy_keys(records)
-    if not keys:
+    """One panel per family (zero-shot, retrieval, probes) of the run's own eval split."""
+    keys = sorted({k for r in records for k in r if k.startswith("eval/") and "mrl" not in k})
+    panels = [(title, [k for k in keys if pick(k)]) for title, pick in _ACCURACY_PANELS]
+    panels = [(t, ks) for t, ks in panels if ks]
+    if not panels:
         return None
-    fig = _figure(8, 4.5)
-    ax = fig.add_subplot()
-    for key in keys:
-        steps, vals = _series(records, key)
-        ax.plot(steps, 100 * vals, marker="o", label=key[len("eval/"):])
-    ax.set(title="Evaluation accuracy during training", xlabel="step", ylabel="accuracy / recall (%)",
-           ylim=(0, 100))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig = _figure(9, 3.2 * len(panels))
+    markers = "osD^vP*X<>"
+    for i, (title, ks) in enumerate(panels):
+        ax = fig.add_subplot(len(panels), 1, i + 1)
+        for j, key in enumerate(ks):
+            steps, vals = _series(records, key)
+            ax.plot(steps, 100 * vals, marker=markers[j % len(markers)], color=f"C{j % 10}",
+                    ls="-" if j < 10 else "--", label=key[len("eval/"):])
+        ax.set(title=title, xlabel="step", ylabel="%", ylim=(0, 100))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.savefig(path)
     return path
 

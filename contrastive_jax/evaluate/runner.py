@@ -56,7 +56,7 @@ EVALUATORS: dict[str, dict[str, Any]] = {
     "retrieval": {"ks": None, "gallery_block": 4096, "query_block": 256},
     "diagnostics": {"max_items": 8192},
     "linear_probe": {**_TRAIN_FEATURES, "ridge_alphas": probes.DEFAULT_RIDGE_ALPHAS,
-                     "logistic_l2": (1e-4, 1e-3, 1e-2), "logistic_steps": 300},
+                     "logistic_l2": (1e-6, 1e-5, 1e-4, 1e-3), "logistic_steps": 300},
     "knn": {**_TRAIN_FEATURES, "k": 20, "temperature": 0.07},
     "few_shot": {**_TRAIN_FEATURES, "shots": (1, 5, 10), "seeds": 3},
 }
