@@ -119,27 +119,33 @@ def _logistic_loss(params, x, y, weight, class_mask, l2):
 
 
 @functools.partial(jax.jit, static_argnames=("steps",))
-def _fit_logistic(x, y, weight, class_mask, l2, *, steps: int):
+def _fit_logistic(x, y, weight, class_mask, l2, tol, *, steps: int):
     c = class_mask.shape[0]
     params = {"w": jnp.zeros((x.shape[1], c), jnp.float32), "b": jnp.zeros((c,), jnp.float32)}
     loss = lambda p: _logistic_loss(p, x, y, weight, class_mask, l2)  # noqa: E731
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(loss)
 
-    def step(_, carry):
-        p, state = carry
+    def cond(carry):
+        _, _, i, grad_norm = carry
+        return (i < steps) & (grad_norm > tol)
+
+    def body(carry):
+        p, state, i, _ = carry
         value, grad = value_and_grad(p, state=state)
         updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=loss)
-        return optax.apply_updates(p, updates), state
+        return optax.apply_updates(p, updates), state, i + 1, optax.tree.norm(grad)
 
-    params, _ = jax.lax.fori_loop(0, steps, step, (params, opt.init(params)))
+    init = (params, opt.init(params), jnp.int32(0), jnp.float32(jnp.inf))
+    params, _, iters, _ = jax.lax.while_loop(cond, body, init)
     grad_norm = optax.tree.norm(jax.grad(loss)(params))
-    return params, grad_norm
+    return params, grad_norm, iters
 
 
-def fit_logistic(train_x, train_y, *, l2: float, num_classes: int, steps: int = 300):
+def fit_logistic(train_x, train_y, *, l2: float, num_classes: int, steps: int = 300, tol: float = 1e-5):
     """Multinomial logistic regression, ``mean CE + l2/2 · ||W||²`` (bias unpenalized), solved
-    full-batch with optax's L-BFGS (zoom line search).
+    full-batch with optax's L-BFGS (zoom line search), until the gradient norm is below ``tol``
+    or after ``steps`` iterations.
 
     Equivalent to scikit-learn's ``LogisticRegression(C=1 / (l2 · N))``. Rows are padded to a
     multiple of 1024 (weight 0), features to a multiple of 128 (zero columns keep zero weights
@@ -158,8 +164,9 @@ def fit_logistic(train_x, train_y, *, l2: float, num_classes: int, steps: int = 
     yp = np.zeros(n_pad, np.int32)
     yp[:n] = y
     weight = (np.arange(n_pad) < n).astype(np.float32)
-    params, grad_norm = _fit_logistic(jnp.asarray(xp), jnp.asarray(yp), jnp.asarray(weight),
-                                      jnp.asarray(np.arange(c_pad) < c), jnp.float32(l2), steps=int(steps))
+    params, grad_norm, _ = _fit_logistic(jnp.asarray(xp), jnp.asarray(yp), jnp.asarray(weight),
+                                         jnp.asarray(np.arange(c_pad) < c), jnp.float32(l2), jnp.float32(tol),
+                                         steps=int(steps))
     return np.asarray(params["w"])[:d, :c], np.asarray(params["b"])[:c], float(grad_norm)
 
 
