@@ -59,7 +59,8 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def should_save(self, step: int) -> bool:
-        return self.manager.should_save(int(step))
+        """``step`` is on the save interval (orbax's own rule would also save the first step)."""
+        return int(step) % self.every_steps == 0
 
     def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
         """Saves if ``step`` is on the interval (or ``force``); returns whether it saved.

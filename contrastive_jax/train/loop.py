@@ -228,7 +228,8 @@ def train(config: Any, workdir: str) -> dict:
         freeze=tuple(config.optim.freeze), microbatch_size=int(config.train.microbatch_size),
         accumulation=config.train.accumulation, ema_decay=ema_decay,
     )
-    evaluator = eval_lib.EvalRunner(config, model, mesh, batch_axes, shardings.params, tokenizer)
+    evaluator = eval_lib.EvalRunner(config, model, mesh, batch_axes, shardings.params, tokenizer,
+                                    default_every_steps=durations.eval_every)
 
     ckpt = Checkpointer(
         os.path.join(workdir, "checkpoints"), every_steps=durations.checkpoint_every, keep=config.checkpoint.keep,
@@ -255,7 +256,6 @@ def train(config: Any, workdir: str) -> dict:
     writer = MetricWriter(workdir, tensorboard=bool(config.log.tensorboard))
     pbar = _progress(total_steps, start_step, bool(config.log.progress))
     log_every = max(durations.log_every, 1)
-    eval_every = durations.eval_every
     nonfinite_policy = config.train.nonfinite
     pending: list[tuple[int, dict]] = []
     t_window, steps_window = time.time(), 0
@@ -322,8 +322,8 @@ def train(config: Any, workdir: str) -> dict:
                     # dispatch, per-dispatch updates would show bursts and a wrong ETA.
                     pbar.update(done - pbar.n)
                 t_window, steps_window = time.time(), 0
-            if eval_every > 0 and done % eval_every == 0 and done != total_steps:
-                _evaluate(evaluator, state, writer, done)
+            if done != total_steps and evaluator.due(done):
+                _evaluate(evaluator, state, writer, done, step=done)
                 t_window, steps_window = time.time(), 0
             preempted = stop.poll()
             if preempted or ckpt.should_save(done) or done == stop_at:
@@ -355,6 +355,9 @@ def train(config: Any, workdir: str) -> dict:
     results = _evaluate(evaluator, state, writer, total_steps)
     writer.close()
     ckpt.close()
+    if config.eval.get("write_report", False):
+        # Every process calls it (the report may evaluate); process 0 writes the files.
+        eval_lib.write_report(workdir, evaluator, state.params)
     summary = {
         "complete": True,
         "eval": {k: float(v) for k, v in results.items() if not k.startswith("ema/")},
@@ -374,10 +377,13 @@ def train(config: Any, workdir: str) -> dict:
     return summary
 
 
-def _evaluate(evaluator, state, writer: MetricWriter, step: int) -> dict:
-    """Evaluates the params (and the EMA params, as ``ema/...``) and logs ``eval/...``."""
-    results = dict(evaluator(state.params))
+def _evaluate(evaluator, state, writer: MetricWriter, log_step: int, *, step: int | None = None) -> dict:
+    """Evaluates the params (and the EMA params, as ``ema/...``) and logs ``eval/...``.
+
+    ``step``: the evaluators due at this step (None: all of them, the final evaluation).
+    """
+    results = dict(evaluator(state.params, step=step))
     if state.ema_params is not None:
-        results.update({f"ema/{k}": v for k, v in evaluator(state.ema_params).items()})
-    writer.write(step, {f"eval/{k}": v for k, v in results.items()})
+        results.update({f"ema/{k}": v for k, v in evaluator(state.ema_params, step=step).items()})
+    writer.write(log_step, {f"eval/{k}": v for k, v in results.items()})
     return results

@@ -41,12 +41,14 @@ def state_shardings(abstract_state: TrainState, tx: optax.GradientTransformation
     the parameters they track, everything else (step, counts, rng) replicated."""
     replicated = NamedSharding(mesh, P())
     params_sh = tree_shardings(abstract_state.params, rules, mesh)
+    # Frozen parameters (optim.freeze) appear as empty MaskedNodes in the optimizer state.
     opt_sh = optax.tree_map_params(
         tx,
-        lambda _, sh: sh,
+        lambda leaf, sh: leaf if isinstance(leaf, optax.MaskedNode) else sh,
         abstract_state.opt_state,
         params_sh,
         transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )
     ema_sh = None if abstract_state.ema_params is None else params_sh
     return TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated,
