@@ -73,11 +73,16 @@ def get_config(arg="vit_b16"):
         c.data = dict(image_size=image_size, max_text_len=64)
         c.loss = dict(name="sigmoid", impl="chunked")
     elif arg == "vit_s16_96":
+        # Scanned layers + dots_saveable remat: on CPU the unrolled 12-layer backward ran at about
+        # half the MFU of the scanned one (its many live activation buffers are memory-bound);
+        # recomputing the elementwise work instead of storing it gained a little more
+        # (docs/benchmarks.md, "Train step").
+        fast = dict(scan=True, remat="dots_saveable")
         c.model = dict(
             embed_dim=384, head="linear",
-            image=dict(name="vit", **_vit("S", 16), pool="gap", posemb="learn"),
+            image=dict(name="vit", **_vit("S", 16), pool="gap", posemb="learn", **fast),
             text=dict(name="transformer", vocab_size=32000, context_length=32, width=384, depth=6,
-                      num_heads=6, mlp_dim=1536, causal=True, pool="eos"),
+                      num_heads=6, mlp_dim=1536, causal=True, pool="eos", **fast),
         )
         c.data = dict(image_size=96, max_text_len=32)
         c.loss = dict(name="softmax", impl="dense")

@@ -38,7 +38,28 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _TOWER_KEYS = ("encoder", "head", "head_hidden", "head_act", "head_bias", "input_shape", "input_dtype")
 
 
+def _choice(cfg, key: str, allowed, default):
+    value = cfg.get(key, default)
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r}; known: {', '.join(map(str, allowed))}")
+    return value
+
+
+def _check_common(cfg, pools, default_pool) -> None:
+    """Build-time checks of the enumerated fields, so a typo fails before anything compiles."""
+    from contrastive_jax.models.layers import ACTIVATIONS, REMAT_POLICIES
+
+    _choice(cfg, "pool", pools, default_pool)
+    _choice(cfg, "act", tuple(ACTIVATIONS), "gelu")
+    _choice(cfg, "remat", REMAT_POLICIES, "none")
+
+
 def _build_vit(cfg, dtype) -> nn.Module:
+    from contrastive_jax.models import vit as vit_lib
+
+    _check_common(cfg, vit_lib.POOL_TYPES, "gap")
+    _choice(cfg, "posemb", vit_lib.POSEMB_TYPES, "learn")
+    _choice(cfg, "stem", vit_lib.STEM_TYPES, "patch")
     return VisionTransformer(
         patch_size=cfg.patch_size,
         width=cfg.width,
@@ -69,6 +90,9 @@ def _build_text_transformer(cfg, dtype) -> nn.Module:
             f"model.text.vocab_size is {cfg.vocab_size}; set it (or resolve -1 from the tokenizer's "
             "vocabulary size) before building the model"
         )
+    from contrastive_jax.models import text as text_lib
+
+    _check_common(cfg, text_lib.POOL_TYPES, "eos")
     return TextTransformer(
         vocab_size=cfg.vocab_size,
         width=cfg.width,
@@ -86,6 +110,9 @@ def _build_text_transformer(cfg, dtype) -> nn.Module:
 
 
 def _build_signal(cfg, dtype) -> nn.Module:
+    from contrastive_jax.models import generic
+
+    _check_common(cfg, generic.POOL_TYPES, "gap")
     return SignalTransformer(
         patch_size=cfg.patch_size, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
         mlp_dim=cfg.mlp_dim, pool=cfg.pool, act=cfg.act, remat=cfg.remat, scan=bool(cfg.scan), dtype=dtype,
@@ -158,9 +185,21 @@ def _head_kwargs(model_config, entry=None) -> dict:
     )
 
 
+def _with_prefix(prefix: str, builder, cfg, dtype):
+    """Calls a tower builder; its ValueErrors name the config group (``model.image: pool=...``)."""
+    try:
+        return builder(cfg, dtype)
+    except ValueError as e:
+        if str(e).startswith("model."):
+            raise
+        raise ValueError(f"{prefix}.{e}") from None
+
+
 def build_two_tower(model_config, dtype) -> TwoTower:
-    image = _lookup(IMAGE_TOWERS, model_config.image.name, "model.image.name")(model_config.image, dtype)
-    text = _lookup(TEXT_TOWERS, model_config.text.name, "model.text.name")(model_config.text, dtype)
+    image = _with_prefix("model.image", _lookup(IMAGE_TOWERS, model_config.image.name, "model.image.name"),
+                         model_config.image, dtype)
+    text = _with_prefix("model.text", _lookup(TEXT_TOWERS, model_config.text.name, "model.text.name"),
+                        model_config.text, dtype)
     head = _head_kwargs(model_config)
     return TwoTower(
         image=image,
@@ -214,7 +253,7 @@ def build_n_tower(model_config, dtype) -> NTower:
         entry = model_config.towers[name]
         cfg = tower_config(model_config, name)  # validates the entry first
         builder = ENCODERS[entry["encoder"]][0]
-        encoder = builder(cfg, dtype)
+        encoder = _with_prefix(f"model.towers.{name}", builder, cfg, dtype)
         head = make_head(entry.get("head", model_config.get("head", "linear")), model_config.embed_dim,
                          dtype=dtype, **_head_kwargs(model_config, entry))
         towers.append((name, encoder, head))
