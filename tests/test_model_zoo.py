@@ -266,16 +266,17 @@ def test_three_tower_model():
     assert [s.shape for s in specs] == [(4, 8, 8, 3), (4, 32, 2), (4, 5)]
     rng = np.random.default_rng(0)
     inputs = [rng.normal(size=s.shape).astype(np.float32) for s in specs]
-    variables = model.init(jax.random.key(0), *inputs)
+    variables = jax.jit(model.init)(jax.random.key(0), *inputs)
     params = variables["params"]
     assert set(params) == {"image", "audio", "tabular", "image_proj", "audio_proj", "tabular_proj", "log_scale", "bias"}
     assert set(params["tabular_proj"]) == {"fc1", "fc2"} and params["tabular_proj"]["fc1"]["kernel"].value.shape == (16, 8)
-    out = model.apply(variables, *inputs)
+    out = jax.jit(model.apply)(variables, *inputs)
     assert set(out) == {"image", "audio", "tabular", "scale", "bias"}
+    encode = jax.jit(lambda v, x, name: model.apply(v, name, x, method="encode"), static_argnums=2)
     for name, x in zip(model.modalities, inputs):
         assert out[name].shape == (4, 16) and out[name].dtype == jnp.float32
         np.testing.assert_allclose(np.linalg.norm(np.asarray(out[name]), axis=-1), 1.0, atol=1e-5)
-        np.testing.assert_allclose(model.apply(variables, name, x, method="encode"), out[name], atol=1e-6)
+        np.testing.assert_allclose(encode(variables, x, name), out[name], atol=1e-6)
     assert float(out["scale"]) == pytest.approx(1 / 0.07, rel=1e-5)
     # Default order = sorted names.
     cfg2 = copy.deepcopy(cfg)
@@ -351,33 +352,36 @@ def test_patch_dropout_keeps_an_ordered_random_subset():
 def test_vit_patch_dropout_only_at_train_time():
     vit = models.VisionTransformer(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32, patch_dropout=0.5)
     x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
-    v = vit.init(jax.random.key(1), x)
+    v = jax.jit(vit.init)(jax.random.key(1), x)
     full = models.VisionTransformer(patch_size=4, width=16, depth=1, num_heads=2, mlp_dim=32)
-    np.testing.assert_allclose(vit.apply(v, x), full.apply(v, x), atol=1e-6)  # eval: every patch
-    a = vit.apply(v, x, train=True, rngs={"dropout": jax.random.key(2)})
-    b = vit.apply(v, x, train=True, rngs={"dropout": jax.random.key(3)})
-    assert not np.allclose(np.asarray(a), np.asarray(full.apply(v, x)), atol=1e-4)
+    ref = jax.jit(full.apply)(v, x)
+    np.testing.assert_allclose(jax.jit(vit.apply)(v, x), ref, atol=1e-6)  # eval: every patch
+    train = jax.jit(lambda v, x, key: vit.apply(v, x, train=True, rngs={"dropout": key}))
+    a = train(v, x, jax.random.key(2))
+    b = train(v, x, jax.random.key(3))
+    assert not np.allclose(np.asarray(a), np.asarray(ref), atol=1e-4)
     assert not np.allclose(np.asarray(a), np.asarray(b), atol=1e-4)
 
 
 def test_map_pooling_is_permutation_invariant_and_respects_mask():
     head = models.MAPHead(num_heads=2, mlp_dim=16)
     x = jax.random.normal(jax.random.key(0), (2, 5, 8))
-    v = head.init(jax.random.key(1), x)
-    y = head.apply(v, x)
+    v = jax.jit(head.init)(jax.random.key(1), x)
+    apply = jax.jit(head.apply)
+    y = apply(v, x)
     assert y.shape == (2, 8)
     perm = np.array([3, 0, 4, 1, 2])
-    np.testing.assert_allclose(head.apply(v, x[:, perm]), y, atol=1e-5)
+    np.testing.assert_allclose(apply(v, x[:, perm]), y, atol=1e-5)
     mask = jnp.asarray([True, True, True, False, False])[None, None, None, :]
     junk = x.at[:, 3:].set(100.0)
-    np.testing.assert_allclose(head.apply(v, junk, mask), head.apply(v, x[:, :3]), atol=1e-5)
+    np.testing.assert_allclose(apply(v, junk, mask), apply(v, x[:, :3]), atol=1e-5)
 
 
 def test_text_last_pooling_reads_last_position():
     t = models.TextTransformer(vocab_size=10, width=8, depth=1, num_heads=2, mlp_dim=16, causal=False, pool="last")
     tokens = jnp.asarray([[3, 4, 5, 0, 0], [1, 2, 3, 4, 5]])
-    v = t.init(jax.random.key(0), tokens)
-    out, state = t.apply(v, tokens, capture_intermediates=True)
+    v = jax.jit(t.init)(jax.random.key(0), tokens)
+    out, state = jax.jit(lambda v, x: t.apply(v, x, capture_intermediates=True))(v, tokens)
     hidden = state["intermediates"]["encoder"]["__call__"][0]
     np.testing.assert_allclose(out, hidden[:, -1], atol=1e-6)
 
@@ -436,3 +440,12 @@ def test_inspect_command_prints_published_counts(capsys):
     assert 26.0e9 < out["towers"]["image"]["train_flops_per_example"] < 27.0e9
     assert cli.main(["inspect", "--config", os.path.join(ROOT, "configs", "clip.py") + ":vit_b32",
                      "--config.model.nope=1"]) == 2
+
+
+@pytest.mark.parametrize("group, field, value", [("image", "pool", "bogus"), ("text", "act", "swish"),
+                                                 ("image", "remat", "some"), ("text", "pool", "cls")])
+def test_bad_enumerated_fields_fail_at_build_naming_the_field(group, field, value):
+    cfg = tiny_cfg()
+    cfg[group][field] = value
+    with pytest.raises(ValueError, match=rf"model\.{group}\.{field}='{value}'; known"):
+        models.build(cfg)
