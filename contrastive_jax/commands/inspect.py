@@ -28,12 +28,18 @@ def summarize(config) -> dict:
     from contrastive_jax.models.inspect import model_summary
 
     model_config = copy.deepcopy(config.model)
-    if model_config.get("name", "two_tower") == "two_tower" and model_config.text.vocab_size == -1:
+    # Text towers with vocab_size -1 take the tokenizer's vocabulary, as training does.
+    groups = [model_config.text] if "text" in model_config else []
+    groups += [t for t in model_config.get("towers", {}).values() if t.get("encoder") == "transformer"]
+    if any(int(g.get("vocab_size", -1)) == -1 for g in groups):
         from contrastive_jax.data import build_tokenizer
 
-        model_config.text.vocab_size = int(build_tokenizer(config.data).vocab_size)
+        vocab = int(build_tokenizer(config.data).vocab_size)
+        for g in groups:
+            if int(g.get("vocab_size", -1)) == -1:
+                g["vocab_size"] = vocab
     model = models.build(model_config)
-    inputs = models.sample_inputs(model_config, config.data, batch=2)
+    inputs = models.sample_inputs(model_config, config.data, batch=2, modalities=tuple(model.modalities))
     summary = model_summary(model, inputs, batch_size=int(config.train.batch_size))
     summary["model"] = model_config.get("name", "two_tower")
     summary["dtype"] = model_config.dtype
@@ -64,8 +70,9 @@ def run(args, overrides) -> int:
     print(f"model {summary['model']} ({args.config}), compute dtype {summary['dtype']}")
     print(f"{'tower':<12}{'input':<18}{'params':>16}{'train FLOPs / example':>26}")
     for name, t in summary["towers"].items():
+        flops = t["train_flops_per_example"]
         print(f"{name:<12}{str(tuple(summary['inputs'][name])):<18}{t['params']:>16,}"
-              f"{_fmt(t['train_flops_per_example'], 'FLOP'):>26}")
+              f"{(_fmt(flops, 'FLOP') if flops is not None else 'n/a'):>26}")
     print(f"{'loss':<12}{'batch ' + str(summary['batch_size']):<18}{summary['other_params']:>16,}"
           f"{_fmt(summary['loss_train_flops_per_example'], 'FLOP'):>26}")
     print(f"{'total':<30}{summary['total_params']:>16,}{_fmt(summary['train_flops_per_example'], 'FLOP'):>26}")

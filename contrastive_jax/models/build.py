@@ -290,21 +290,17 @@ def build(model_config) -> nn.Module:
     return builder(model_config, _dtype(model_config))
 
 
-def sample_inputs(model_config, data_config=None, batch: int = 1) -> tuple[jax.ShapeDtypeStruct, ...]:
+def sample_inputs(model_config, data_config=None, batch: int = 1,
+                  modalities: tuple[str, ...] | None = None) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Abstract inputs (``ShapeDtypeStruct``, batch ``batch``) in the model's input order.
 
-    two_tower: images ``[b, S, S, 3]`` float32 and texts ``[b, L]`` int32 with ``S =
-    data.image_size`` and ``L = data.max_text_len`` (or ``model.text.context_length``);
-    n_tower: each tower's ``input_shape`` / ``input_dtype`` (default float32).
+    n_tower: each tower's ``input_shape`` / ``input_dtype`` (default float32). Other models:
+    one input per name of ``modalities`` (default ``('image', 'text')``, pass the built model's
+    ``modalities`` for registered kinds): ``image`` ``[b, S, S, 3]`` float32, ``image_views``
+    ``[b, V, S, S, 3]`` float32, ``text`` ``[b, L]`` int32, with ``S = data.image_size``,
+    ``V = data.num_views``, ``L = model.text.context_length`` or ``data.max_text_len``.
     """
     name = model_config.get("name", "two_tower")
-    if name == "two_tower":
-        if data_config is None:
-            raise ValueError("sample_inputs of a two_tower model needs config.data (image_size, max_text_len)")
-        size = int(data_config.image_size)
-        length = int(model_config.text.get("context_length", 0) or data_config.max_text_len)
-        return (jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
-                jax.ShapeDtypeStruct((batch, length), jnp.int32))
     if name == "n_tower":
         out = []
         for m in tower_order(model_config):
@@ -314,4 +310,21 @@ def sample_inputs(model_config, data_config=None, batch: int = 1) -> tuple[jax.S
             out.append(jax.ShapeDtypeStruct((batch,) + tuple(entry["input_shape"]),
                                             jnp.dtype(entry.get("input_dtype", "float32"))))
         return tuple(out)
-    raise ValueError(f"sample_inputs does not know model.name {name!r}")
+    if data_config is None:
+        raise ValueError(f"sample_inputs of a {name!r} model needs config.data (image_size, max_text_len)")
+    size = int(data_config.image_size)
+    out = []
+    for m in modalities or ("image", "text"):
+        if m == "image":
+            out.append(jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32))
+        elif m == "image_views":
+            views = int(data_config.get("num_views", 2))
+            out.append(jax.ShapeDtypeStruct((batch, max(views, 1), size, size, 3), jnp.float32))
+        elif m == "text":
+            text_cfg = model_config.get("text", None)
+            ctx = int(text_cfg.get("context_length", 0) or 0) if text_cfg is not None else 0
+            out.append(jax.ShapeDtypeStruct((batch, ctx or int(data_config.max_text_len)), jnp.int32))
+        else:
+            raise ValueError(f"sample_inputs does not know the input shape of modality {m!r} "
+                             f"(model.name {name!r})")
+    return tuple(out)

@@ -96,7 +96,8 @@ def model_summary(model, sample_inputs, *, batch_size: int | None = None) -> dic
     Returns:
       ``dict(towers={name: dict(params, train_flops_per_example)}, other_params, total_params,
       embed_dim, loss_train_flops_per_example, train_flops_per_example)``. A tower's params
-      include its projection head (``<name>_proj``).
+      include its projection head (``<name>_proj``); its FLOPs are None when the model cannot
+      ``encode`` that input alone (the total always counts the whole model's forward).
     """
     abstract = jax.eval_shape(model.init, jax.random.key(0), *sample_inputs)["params"]
     counts = param_counts(abstract)
@@ -105,26 +106,30 @@ def model_summary(model, sample_inputs, *, batch_size: int | None = None) -> dic
     plain = nn.meta.unbox(abstract)
     towers = {}
     used = set()
-    embed_dim = None
+    b = sample_inputs[0].shape[0]
+    # The whole forward (all towers and heads), as the train step runs it.
+    model_fl = forward_flops(lambda p, *x: model.apply({"params": p}, *x), plain, *sample_inputs)
+    outputs = jax.eval_shape(lambda p, *x: model.apply({"params": p}, *x), plain, *sample_inputs)
+    embed_dim = next((int(v.shape[-1]) for k, v in outputs.items() if k not in ("scale", "bias") and v.ndim >= 2), None)
     for name, spec in zip(model.modalities, sample_inputs):
         keys = [k for k in (name, f"{name}_proj") if k in counts]
         used.update(keys)
-        b = spec.shape[0]
 
         def enc(p, x, name=name):
             return model.apply({"params": p}, name, x, method="encode")
 
-        fl = forward_flops(enc, plain, spec)
-        out = jax.eval_shape(enc, plain, spec)
-        embed_dim = int(out.shape[-1])
-        towers[name] = dict(params=int(sum(counts[k] for k in keys)), train_flops_per_example=int(3 * fl / b))
+        try:  # per-tower FLOPs where the model can encode this input alone
+            fl = int(3 * forward_flops(enc, plain, spec) / b)
+        except (ValueError, TypeError):
+            fl = None
+        towers[name] = dict(params=int(sum(counts[k] for k in keys)), train_flops_per_example=fl)
     other = int(sum(v for k, v in counts.items() if k not in used))
     loss_flops = 0
     if batch_size and embed_dim:
         # Pairwise similarities for each pair of modalities: forward 2·B·D per example, backward 2x.
-        pairs = len(towers) * (len(towers) - 1) // 2
+        pairs = max(len(towers) * (len(towers) - 1) // 2, 1)
         loss_flops = 6 * batch_size * embed_dim * pairs
-    total_flops = sum(t["train_flops_per_example"] for t in towers.values()) + loss_flops
+    total_flops = int(3 * model_fl / b) + loss_flops
     return dict(
         towers=towers,
         other_params=other,
