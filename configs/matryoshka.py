@@ -23,7 +23,4 @@ def get_config(arg=None):
     c.loss = dict(name="matryoshka", impl="chunked", block_size=128, matryoshka=dict(base="softmax"))
     dim = c.model.embed_dim
     c.model.matryoshka_dims = (dim // 8, dim // 4, dim // 2, dim)
-    # The loss reads model.matryoshka_dims when the trainer passes config.model to
-    # make_objective; naming them here as well keeps this config self-sufficient until then.
-    c.loss.matryoshka.dims = c.model.matryoshka_dims
     return c

@@ -32,9 +32,7 @@ def get_config(arg=None):
                  **{k: qs.image[k] for k in ("patch_size", "width", "depth", "num_heads", "mlp_dim")},
                  **{k: qs.image[k] for k in ("pool", "stem", "posemb") if k in qs.image})
     text = dict(encoder="transformer", input_shape=(length,), input_dtype="int32",
-                # The n_tower text tower is not resized to the tokenizer; the shapes word
-                # vocabulary has < 64 entries, so 128 rows cover it.
-                vocab_size=128,
+                vocab_size=-1,  # from the tokenizer
                 **{k: qs.text[k] for k in ("width", "depth", "num_heads", "mlp_dim", "causal") if k in qs.text})
     attributes = dict(encoder="mlp", width=qs.text.width, depth=2, input_shape=(18,), input_dtype="float32")
     c.model = dict(name="n_tower", embed_dim=qs.embed_dim, modalities=("image", "text", "attributes"),

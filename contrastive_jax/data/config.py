@@ -83,6 +83,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.max_text_len = 16  # tokens, including EOS
     c.mean = (0.5, 0.5, 0.5)  # normalization: (x / 255 - mean) / std per RGB channel
     c.std = (0.5, 0.5, 0.5)
+    # Training batches keep uint8 images and the jitted step normalizes each (micro-)batch on
+    # device: 4x less host->device traffic and batch memory (what lets GradCache batches grow).
+    c.normalize_on_device = False
 
     # Fields of TFDS datasets loaded by name ('' = automatic: 'image'; 'captions' or 'caption').
     c.image_key = ""

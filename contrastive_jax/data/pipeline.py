@@ -363,7 +363,8 @@ def make_train_iterator(
     # this host never reads other hosts' blocks.
     ds = ds.batch(host_batch, drop_remainder=True)
     ds = ds[process_index::process_count]
-    ds = ds.map(_NormalizeImages(data_config.mean, data_config.std))
+    if not data_config.get("normalize_on_device", False):
+        ds = ds.map(_NormalizeImages(data_config.mean, data_config.std))
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=int(data_config.read_threads),
                           prefetch_buffer_size=int(data_config.prefetch_batches))

@@ -43,6 +43,7 @@ from contrastive_jax.evaluate.zero_shot import (
     zero_shot_class_embeddings,
     zero_shot_multilabel,
 )
+from contrastive_jax.parallel.logical import uses_logical_rules, with_activation_rules
 from contrastive_jax.parallel.mesh import batch_sharding, replicated_batch_to_global, to_host
 
 log = logging.getLogger("contrastive_jax")
@@ -135,15 +136,22 @@ def _encode_method(model, side: str):
     return method
 
 
-def make_encoders(model, mesh: Mesh, batch_axes: Sequence[str], param_shardings: Any):
+def make_encoders(model, mesh: Mesh, batch_axes: Sequence[str], param_shardings: Any, sharding_config: Any = None):
     """Jitted, sharded ``(params, batch) -> [B, D]`` image and text encoders (embeddings before
-    the final L2 normalization where the model exposes it; see :func:`_encode_method`)."""
+    the final L2 normalization where the model exposes it; see :func:`_encode_method`).
+    ``sharding_config`` (``config.sharding``): its logical rules constrain the activations."""
     in_sh = batch_sharding(mesh, batch_axes)
 
     def make(side):
         method = _encode_method(model, side)
+
+        def encode(p, x):
+            return model.apply({"params": p}, x, method=method)
+
+        if sharding_config is not None and uses_logical_rules(sharding_config):
+            encode = with_activation_rules(encode, sharding_config, mesh)
         return jax.jit(
-            lambda p, x: model.apply({"params": p}, x, method=method),
+            encode,
             in_shardings=(param_shardings, in_sh),
             out_shardings=in_sh,
         )
@@ -383,7 +391,7 @@ class EvalRunner:
         self.tokenizer = tokenizer
         self.specs = parse_evaluators(config.eval, config.data)
         self.default_every = int(config.eval.every_steps if default_every_steps is None else default_every_steps)
-        self.encoders = make_encoders(model, mesh, self.batch_axes, param_shardings)
+        self.encoders = make_encoders(model, mesh, self.batch_axes, param_shardings, config.sharding)
         self._arrays: dict = {}
         self._infos: dict = {}
 

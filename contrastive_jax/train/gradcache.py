@@ -49,6 +49,16 @@ def split_microbatches(x: jax.Array, n: int, sharding: NamedSharding | None = No
     return y
 
 
+def take_microbatch(x: jax.Array, i: jax.Array, n: int) -> jax.Array:
+    """Micro-batch ``i`` of ``n`` of ``x`` ``[B, ...]``: rows ``i, i + n, ...`` as ``[B / n, ...]``.
+
+    Reads the rows in place (the reshape is free), so the batch is never copied into a
+    micro-batch-major layout; with contiguous-block sharding of B the rows are device-local.
+    """
+    b = x.shape[0]
+    return jax.lax.dynamic_index_in_dim(x.reshape((b // n, n) + x.shape[1:]), i, axis=1, keepdims=False)
+
+
 def merge_microbatches(y: jax.Array) -> jax.Array:
     """Inverse of :func:`split_microbatches`: ``[n, mb, ...] -> [n * mb, ...]`` in global order."""
     n, mb = y.shape[:2]
@@ -70,7 +80,6 @@ def gradcache_value_and_grad(
     *,
     num_microbatches: int,
     rng: jax.Array,
-    batch_sharding: NamedSharding | None = None,
 ) -> tuple[tuple[jax.Array, dict, dict], Any]:
     """Exact whole-batch ``((loss, metrics, outputs), grads)`` in ``num_microbatches`` pieces.
 
@@ -83,24 +92,22 @@ def gradcache_value_and_grad(
       inputs: model inputs, each ``[B, ...]``, B divisible by ``num_microbatches``.
       batch: the global batch dict handed to the objective.
       rng: base key; micro-batch ``i`` uses ``fold_in(rng, i)``.
-      batch_sharding: sharding of the batch dim (keeps every micro-batch spread over devices).
 
     Returns:
       ``((loss, metrics, outputs), grads)`` with ``outputs`` the global-batch outputs.
     """
     n = int(num_microbatches)
-    chunks = [split_microbatches(x, n, batch_sharding) for x in inputs]
     index = jnp.arange(n)
 
-    def forward(p, chunk, i):
+    def forward(p, i):
+        chunk = [take_microbatch(x, i, n) for x in inputs]
         return apply_fn(p, chunk, jax.random.fold_in(rng, i))
 
     # Pass 1: outputs only; nothing is differentiated, so no activation outlives its micro-batch.
-    def embed(carry, xs):
-        i, chunk = xs
-        return carry, forward(params, chunk, i)
+    def embed(carry, i):
+        return carry, forward(params, i)
 
-    _, stacked = jax.lax.scan(embed, None, (index, chunks))
+    _, stacked = jax.lax.scan(embed, None, index)
     outputs = jax.tree.map(lambda y: merge_microbatches(y) if _is_per_example(y) else y[0], stacked)
 
     # Pass 2: the loss on the whole batch, differentiated w.r.t. the outputs.
@@ -108,22 +115,19 @@ def gradcache_value_and_grad(
 
     # Global outputs (scale, bias) are produced by every micro-batch's forward; their cotangent is
     # pulled back through micro-batch 0 only, so it is counted once.
-    def cotangent_chunks(g, y):
+    def cotangent(g, y, i):
         if _is_per_example(y):
-            return split_microbatches(g, n, batch_sharding)
-        return jnp.zeros((n,) + g.shape, g.dtype).at[0].set(g)
-
-    g_chunks = jax.tree.map(cotangent_chunks, g_out, stacked)
+            return take_microbatch(g, i, n)
+        return jnp.where(i == 0, g, jnp.zeros_like(g))
 
     # Pass 3: re-run each micro-batch under vjp and accumulate its parameter gradient.
-    def backprop(acc, xs):
-        i, chunk, g = xs
-        _, vjp = jax.vjp(lambda p: forward(p, chunk, i), params)
-        (grad,) = vjp(g)
+    def backprop(acc, i):
+        _, vjp = jax.vjp(lambda p: forward(p, i), params)
+        (grad,) = vjp(jax.tree.map(lambda g, y: cotangent(g, y, i), g_out, stacked))
         return jax.tree.map(jnp.add, acc, grad), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, _ = jax.lax.scan(backprop, zeros, (index, chunks, g_chunks))
+    grads, _ = jax.lax.scan(backprop, zeros, index)
     return (loss, metrics, outputs), grads
 
 
@@ -136,7 +140,6 @@ def averaged_value_and_grad(
     *,
     num_microbatches: int,
     rng: jax.Array,
-    batch_sharding: NamedSharding | None = None,
 ) -> tuple[tuple[jax.Array, dict, dict], Any]:
     """Plain accumulation: mean over micro-batches of each one's own loss, metrics and gradient.
 
@@ -145,12 +148,11 @@ def averaged_value_and_grad(
     """
     n = int(num_microbatches)
     b = inputs[0].shape[0]
-    chunks = [split_microbatches(x, n, batch_sharding) for x in inputs]
-    batch_chunks = {k: split_microbatches(v, n, batch_sharding) for k, v in batch.items()
-                    if hasattr(v, "shape") and v.ndim >= 1 and v.shape[0] == b}
+    per_example = {k: v for k, v in batch.items() if hasattr(v, "shape") and v.ndim >= 1 and v.shape[0] == b}
 
-    def one(carry, xs):
-        i, chunk, sub_batch = xs
+    def one(carry, i):
+        chunk = [take_microbatch(x, i, n) for x in inputs]
+        sub_batch = {k: take_microbatch(v, i, n) for k, v in per_example.items()}
 
         def loss_of(p):
             out = apply_fn(p, chunk, jax.random.fold_in(rng, i))
@@ -162,7 +164,7 @@ def averaged_value_and_grad(
         return acc, (loss, metrics, out)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, (losses, metrics, stacked) = jax.lax.scan(one, zeros, (jnp.arange(n), chunks, batch_chunks))
+    grads, (losses, metrics, stacked) = jax.lax.scan(one, zeros, jnp.arange(n))
     outputs = jax.tree.map(lambda y: merge_microbatches(y) if _is_per_example(y) else y[0], stacked)
     return (jnp.mean(losses), jax.tree.map(jnp.mean, metrics), outputs), grads
 

@@ -96,10 +96,13 @@ def validate(config: Any, mesh) -> None:
 
 
 def model_config_for(config: Any, tokenizer: Any):
-    """The model config with data-dependent fields (vocabulary size) filled in."""
+    """The model config with data-dependent fields filled in: every ``vocab_size = -1`` (the
+    two-tower ``model.text`` and any ``model.towers.<name>``) becomes the tokenizer's size."""
     model_config = copy.deepcopy(config.model)
-    if "text" in model_config and model_config.text.get("vocab_size", 0) == -1:
-        model_config.text.vocab_size = int(tokenizer.vocab_size)
+    groups = [model_config.get("text")] + list(model_config.get("towers", {}).values())
+    for group in groups:
+        if group is not None and hasattr(group, "get") and group.get("vocab_size", 0) == -1:
+            group.vocab_size = int(tokenizer.vocab_size)
     return model_config
 
 
@@ -161,7 +164,10 @@ def _prepare_data(config: Any) -> int:
 
 
 def _sample_inputs(host_batch: dict, modalities: tuple[str, ...]) -> list[jax.ShapeDtypeStruct]:
-    return [jax.ShapeDtypeStruct((1,) + tuple(host_batch[k].shape[1:]), host_batch[k].dtype) for k in modalities]
+    # uint8 images (data.normalize_on_device) reach the model as float32.
+    return [jax.ShapeDtypeStruct((1,) + tuple(host_batch[k].shape[1:]),
+                                 jnp.float32 if host_batch[k].dtype == jnp.uint8 else host_batch[k].dtype)
+            for k in modalities]
 
 
 def _device_batch(host_batch: dict, mesh, batch_axes) -> dict:
@@ -221,12 +227,14 @@ def train(config: Any, workdir: str) -> dict:
     tx, schedule = make_optimizer(config.optim, total_steps, warmup_steps=durations.warmup)
     ema_decay = float(config.optim.ema_decay)
     state, shardings = create_train_state(
-        model, tx, sample, seed=int(config.seed), rules=config.sharding.rules, mesh=mesh, ema=ema_decay > 0
+        model, tx, sample, seed=int(config.seed), rules=config.sharding.rules, mesh=mesh, ema=ema_decay > 0,
+        sharding=config.sharding,
     )
     train_step = make_train_step(
         model, tx, schedule, config.loss, mesh, batch_axes, shardings,
         freeze=tuple(config.optim.freeze), microbatch_size=int(config.train.microbatch_size),
-        accumulation=config.train.accumulation, ema_decay=ema_decay,
+        accumulation=config.train.accumulation, ema_decay=ema_decay, model_config=config.model,
+        image_mean=tuple(config.data.mean), image_std=tuple(config.data.std), sharding_config=config.sharding,
     )
     evaluator = eval_lib.EvalRunner(config, model, mesh, batch_axes, shardings.params, tokenizer,
                                     default_every_steps=durations.eval_every)

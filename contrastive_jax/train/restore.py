@@ -74,7 +74,7 @@ def load_run(workdir: str, step: int | None = None, *, mesh=None, ema: bool = Fa
     tx, _ = make_optimizer(config.optim, 1, warmup_steps=0)
     # Shapes only: nothing is initialized, the checkpoint is read straight into place.
     state, shardings = abstract_train_state(model, tx, sample, rules=config.sharding.rules, mesh=mesh,
-                                            ema=float(config.optim.ema_decay) > 0)
+                                            ema=float(config.optim.ema_decay) > 0, sharding=config.sharding)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1 << 30, async_save=False)
     try:
         if step is None:

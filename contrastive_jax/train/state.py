@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from contrastive_jax.parallel.logical import param_shardings
 from contrastive_jax.parallel.sharding import tree_shardings
 
 
@@ -36,11 +37,14 @@ class TrainState:
     nonfinite_steps: jax.Array | None = None
 
 
-def state_shardings(abstract_state: TrainState, tx: optax.GradientTransformation, rules: Sequence, mesh: Mesh) -> TrainState:
-    """NamedShardings for every leaf of the state: params by ``rules``, optimizer moments like
-    the parameters they track, everything else (step, counts, rng) replicated."""
+def state_shardings(abstract_state: TrainState, tx: optax.GradientTransformation, rules: Sequence, mesh: Mesh,
+                    params_sh: Any = None) -> TrainState:
+    """NamedShardings for every leaf of the state: params by ``rules`` (or the given
+    ``params_sh``), optimizer moments and EMA like the parameters they track, everything else
+    (step, counts, rng) replicated."""
     replicated = NamedSharding(mesh, P())
-    params_sh = tree_shardings(abstract_state.params, rules, mesh)
+    if params_sh is None:
+        params_sh = tree_shardings(abstract_state.params, rules, mesh)
     # Frozen parameters (optim.freeze) appear as empty MaskedNodes in the optimizer state.
     opt_sh = optax.tree_map_params(
         tx,
@@ -74,14 +78,23 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, sample_inputs: 
     return init
 
 
+def _shardings(model, tx, sample_inputs, abstract, rules, mesh, sharding):
+    if sharding is None:
+        return state_shardings(abstract, tx, rules, mesh)
+    # config.sharding: logical-axis rules (or its regex rules) from the boxed parameter metadata.
+    zeros = [jnp.zeros((1,) + tuple(x.shape[1:]), x.dtype) for x in sample_inputs]
+    boxed = jax.eval_shape(lambda r: model.init(r, *zeros), jax.random.PRNGKey(0))["params"]
+    return state_shardings(abstract, tx, rules, mesh, params_sh=param_shardings(boxed, sharding, mesh))
+
+
 def abstract_train_state(
     model: nn.Module, tx: optax.GradientTransformation, sample_inputs: Sequence[Any], *, rules: Sequence,
-    mesh: Mesh, ema: bool = False,
+    mesh: Mesh, ema: bool = False, sharding: Any = None,
 ) -> tuple[TrainState, TrainState]:
     """``(abstract_state, shardings)``: the state's shapes/dtypes (``jax.ShapeDtypeStruct``) and
     placement, without allocating anything (for restoring a checkpoint straight into place)."""
     abstract = jax.eval_shape(_init_fn(model, tx, sample_inputs, ema), jax.random.PRNGKey(0))
-    return abstract, state_shardings(abstract, tx, rules, mesh)
+    return abstract, _shardings(model, tx, sample_inputs, abstract, rules, mesh, sharding)
 
 
 def create_train_state(
@@ -93,6 +106,7 @@ def create_train_state(
     rules: Sequence,
     mesh: Mesh,
     ema: bool = False,
+    sharding: Any = None,
 ) -> tuple[TrainState, TrainState]:
     """Initializes the state already sharded: shapes from ``jax.eval_shape``, then one jitted init
     with ``out_shardings`` so no device ever holds an unsharded copy of the parameters.
@@ -101,12 +115,15 @@ def create_train_state(
       sample_inputs: arrays with the per-example shapes/dtypes the model is applied to (a batch
         of 1 is enough); only their shapes are used.
       ema: also hold an EMA copy of the parameters (initialized to them).
+      sharding: ``config.sharding``; when given, parameters are placed by
+        :func:`contrastive_jax.parallel.param_shardings` (its ``logical_rules`` if set, else its
+        regex ``rules``) instead of by ``rules``.
 
     Returns:
       ``(state, shardings)``.
     """
     init = _init_fn(model, tx, sample_inputs, ema)
     rng = jax.random.PRNGKey(seed)
-    shardings = state_shardings(jax.eval_shape(init, rng), tx, rules, mesh)
+    shardings = _shardings(model, tx, sample_inputs, jax.eval_shape(init, rng), rules, mesh, sharding)
     state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings

@@ -23,6 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from contrastive_jax import losses
+from contrastive_jax.parallel.logical import uses_logical_rules, with_activation_rules
 from contrastive_jax.parallel.mesh import batch_axes_of, batch_sharding
 from contrastive_jax.train.gradcache import value_and_grad_fn
 from contrastive_jax.train.optim import trainable_mask
@@ -73,6 +74,10 @@ def make_train_step(
     microbatch_size: int = 0,
     accumulation: str = "gradcache",
     ema_decay: float = 0.0,
+    model_config: Any = None,
+    image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+    image_std: Sequence[float] = (0.5, 0.5, 0.5),
+    sharding_config: Any = None,
     jit: bool = True,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Builds the (jitted) step.
@@ -87,6 +92,12 @@ def make_train_step(
       microbatch_size: global micro-batch size (0: whole batch at once); must divide the batch.
       accumulation: ``'gradcache'`` (exact whole-batch gradient) or ``'average'``.
       ema_decay: EMA of the parameters kept in ``state.ema_params`` (0: none).
+      model_config: ``config.model``, for objectives that read it (Matryoshka prefixes).
+      image_mean, image_std: ``config.data.mean/std``: uint8 image inputs (``data.
+        normalize_on_device``) become ``(x / 255 - mean) / std`` float32 inside the step, one
+        micro-batch at a time, so the float32 batch never exists whole.
+      sharding_config: ``config.sharding``: when it sets ``logical_rules`` they constrain the
+        towers' activations while the step is traced.
       jit: return the jitted function (False: the pure Python step, for composition).
 
     Returns:
@@ -98,12 +109,20 @@ def make_train_step(
       (total so far) and the objective's own metrics (e.g. in-batch ``i2t_top1``).
     """
     axes = batch_axes_of(mesh, batch_axes)
-    objective = losses.make_objective(loss_config, mesh, axes)
+    objective = losses.make_objective(loss_config, mesh, axes, model_config=model_config)
     modalities = model_modalities(model)
     data_sh = batch_sharding(mesh, batch_axes)
 
+    mean = jnp.asarray(image_mean, jnp.float32)
+    std = jnp.asarray(image_std, jnp.float32)
+
+    def to_float(x):
+        if x.dtype == jnp.uint8:
+            return (x.astype(jnp.float32) / jnp.float32(255.0) - mean) / std
+        return x
+
     def apply_fn(params, inputs, rng):
-        return model.apply({"params": params}, *inputs, train=True, rngs={"dropout": rng})
+        return model.apply({"params": params}, *[to_float(x) for x in inputs], train=True, rngs={"dropout": rng})
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         missing = [k for k in modalities if k not in batch]
@@ -122,7 +141,7 @@ def make_train_step(
         vg = value_and_grad_fn(accumulation, n)
         (loss, loss_metrics, out), grads = vg(
             apply_trainable, objective, trainable, inputs, batch,
-            num_microbatches=n, rng=rng, batch_sharding=data_sh,
+            num_microbatches=n, rng=rng,
         )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -160,6 +179,8 @@ def make_train_step(
                                   nonfinite_steps=nonfinite)
         return new_state, metrics
 
+    if sharding_config is not None and uses_logical_rules(sharding_config):
+        step = with_activation_rules(step, sharding_config, mesh)
     if not jit:
         return step
     return jax.jit(
