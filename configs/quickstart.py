@@ -11,7 +11,10 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.mesh = [("data", -1)]
-    c.data = dict(name="shapes", image_size=64, num_train=20000, num_validation=1000, num_test=2000)
+    # One grain worker process: the threaded pipeline alone gave only 1.6x the step's consumption
+    # on the loaded 2-core machine, one worker 4x (docs/benchmarks.md, "Input pipeline").
+    c.data = dict(name="shapes", image_size=64, num_train=20000, num_validation=1000, num_test=2000,
+                  worker_count=1)
     c.model = dict(
         embed_dim=64,
         # Conv stem (3 stride-2 3x3 convs) to an 8x8 token grid and fixed 2-D positions: a small
@@ -28,7 +31,7 @@ def get_config(arg=None):
     c.eval = dict(every_steps=375, batch_size=256)
     c.checkpoint = dict(every_steps=100, keep=2)
     if arg == "tiny":
-        c.data.update(image_size=32, num_train=512, num_validation=64, num_test=128)
+        c.data.update(image_size=32, num_train=512, num_validation=64, num_test=128, worker_count=0)
         c.model.update(embed_dim=32)
         c.model.image.update(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64)
         c.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64)
