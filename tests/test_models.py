@@ -254,7 +254,7 @@ def test_sharded_forward_matches_single_device(fp32):
     "overrides, pattern",
     [
         ({"image.name": "swin"}, r"model.image.name 'swin'.*known: resnet, vit"),
-        ({"name": "clip"}, r"model.name 'clip'.*known: multiview, n_tower, slip, two_tower"),
+        ({"name": "clip"}, r"model.name 'clip'.*known: distill, multiview, n_tower, slip, two_tower"),
         ({"image.name": "vit_b16"}, r"model.image.name 'vit_b16'"),  # no substring dispatch
         ({"text.name": "gpt"}, r"model.text.name 'gpt'.*known: transformer"),
         ({"dtype": "float16"}, r"model.dtype 'float16'"),

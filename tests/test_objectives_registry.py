@@ -152,3 +152,6 @@ def test_example_config_trains_two_steps(tmp_path, name):
     with open(tmp_path / "run" / "metrics.jsonl") as fh:
         losses = [json.loads(line)["train/loss"] for line in fh if "train/loss" in line]
     assert losses and all(np.isfinite(losses))
+    # Image-only model: the text-based evaluators are skipped, the image ones run.
+    assert "knn/color/top1" in summary["eval"] and "diag/image/rankme" in summary["eval"]
+    assert not any(k.startswith(("zeroshot/", "retrieval/")) for k in summary["eval"])

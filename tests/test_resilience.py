@@ -254,3 +254,25 @@ def test_two_processes_match_one_process_with_8_devices(tmp_path):
     for x, y in zip(jax.tree.leaves(_final_params(single, 4)), jax.tree.leaves(_final_params(str(multi), 4))):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
     assert summary["eval"] == pytest.approx(one["eval"], rel=1e-4, abs=1e-6)
+
+
+def test_distillation_from_a_frozen_teacher_run(tmp_path):
+    """configs/distill.py: the teacher is loaded under 'teacher/', stays bit-identical, and the
+    student trains on the distillation loss."""
+    from contrastive_jax.train import load_config
+
+    teacher_dir = str(tmp_path / "teacher")
+    train(_tiny(teacher_dir, "train.total_steps=3", "eval.every_steps=0", "eval.max_examples=64"), teacher_dir)
+    student_dir = str(tmp_path / "student")
+    config = load_config(os.path.join(REPO, "configs", "distill.py") + ":tiny",
+                         ["log.progress=false", "train.total_steps=3", "eval.every_steps=0", "eval.max_examples=64",
+                          "train.log_every_steps=1", f"checkpoint.init_from={teacher_dir}"])
+    config.data.data_dir = os.path.join(os.path.dirname(student_dir), "tfds")
+    summary = train(config, student_dir)
+    assert summary["complete"] and "retrieval/image_to_text/R@1" in summary["eval"]
+    teacher, got = _final_params(teacher_dir), _final_params(student_dir)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(teacher), jax.tree.leaves(got["teacher"])):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), jax.tree_util.keystr(path)
+    metrics = [m for m in _read_metrics(student_dir) if "train/distill_kl" in m]
+    assert len(metrics) == 3 and all(np.isfinite(m["train/distill_kl"]) and m["train/distill_kl"] > 0 for m in metrics)
+    assert "train/grad_norm/teacher" not in metrics[0] and metrics[0]["train/grad_norm/student"] > 0

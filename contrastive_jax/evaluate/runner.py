@@ -118,6 +118,10 @@ def parse_evaluators(eval_config: Any, data_config: Any) -> list[EvaluatorSpec]:
     return specs
 
 
+# Evaluators that need a text encoder.
+TEXT_EVALUATORS = ("zero_shot", "retrieval")
+
+
 def _encode_method(model, side: str):
     """A method returning the embedding BEFORE its L2 normalization where the model exposes
     the parts (two-tower: ``{side}_proj(side(x))``; evaluation normalizes, and the norms feed the
@@ -169,7 +173,8 @@ class Evaluation:
     """Runs evaluator specs given host-level encoders and eval arrays; no model, no mesh.
 
     Args:
-      encode_image / encode_text: ``[batch_size, ...] -> [batch_size, D]`` numpy-readable.
+      encode_image / encode_text: ``[batch_size, ...] -> [batch_size, D]`` numpy-readable;
+        ``encode_text`` None for image-only models (text features are then not computed).
       load_arrays: ``(dataset, split, max_examples) -> dict`` of arrays (``image``, ``text``,
         ``caption``, int labels), as :func:`contrastive_jax.data.load_eval_arrays` returns.
       dataset_info: ``dataset -> dict`` (``class_names``, ``templates``, ``prompts``,
@@ -178,7 +183,7 @@ class Evaluation:
       mesh, batch_axes: where retrieval / k-NN shard their galleries (None: one device).
     """
 
-    def __init__(self, specs: Sequence[EvaluatorSpec], *, encode_image: Callable, encode_text: Callable,
+    def __init__(self, specs: Sequence[EvaluatorSpec], *, encode_image: Callable, encode_text: Callable | None,
                  load_arrays: Callable, dataset_info: Callable, tokenizer, batch_size: int,
                  recall_ks: Sequence[int] = (1, 5, 10), zero_shot_ks: Sequence[int] = (1, 5),
                  matryoshka_dims: Sequence[int] = (), mesh: Mesh | None = None,
@@ -203,7 +208,7 @@ class Evaluation:
             feats = {"data": data}
             feats["raw_image"] = encode_in_batches(self.encode_image, data["image"], self.batch_size)
             feats["image"] = l2_normalize_np(feats["raw_image"])
-            if "text" in data:
+            if "text" in data and self.encode_text is not None:
                 feats["raw_text"] = encode_in_batches(self.encode_text, data["text"], self.batch_size)
                 feats["text"] = l2_normalize_np(feats["raw_text"])
             cache[key] = feats
@@ -392,6 +397,15 @@ class EvalRunner:
         self.specs = parse_evaluators(config.eval, config.data)
         self.default_every = int(config.eval.every_steps if default_every_steps is None else default_every_steps)
         self.encoders = make_encoders(model, mesh, self.batch_axes, param_shardings, config.sharding)
+        # Image-only models (SimCLR's 'multiview') have no text side: text-based evaluators are
+        # dropped and the rest (probes, k-NN, few-shot, diagnostics) run on image embeddings.
+        self.has_text = "text" in tuple(getattr(model, "modalities", ("image", "text")))
+        if not self.has_text:
+            dropped = [s.name for s in self.specs if s.name in TEXT_EVALUATORS]
+            if dropped:
+                log.warning("model %s has no text modality: skipping evaluators %s",
+                            type(model).__name__, dropped)
+            self.specs = [s for s in self.specs if s.name not in TEXT_EVALUATORS]
         self._arrays: dict = {}
         self._infos: dict = {}
 
@@ -422,7 +436,8 @@ class EvalRunner:
             return fn
 
         self.evaluation = Evaluation(
-            self.specs, encode_image=enc(0), encode_text=enc(1), load_arrays=load, dataset_info=info,
+            self.specs, encode_image=enc(0), encode_text=enc(1) if self.has_text else None, load_arrays=load,
+            dataset_info=info,
             tokenizer=tokenizer, batch_size=int(config.eval.batch_size), recall_ks=tuple(config.eval.recall_ks),
             zero_shot_ks=tuple(config.eval.get("zero_shot_ks", (1, 5))),
             matryoshka_dims=tuple(config.model.get("matryoshka_dims", ()) or ()),

@@ -27,6 +27,7 @@ from contrastive_jax.models.build import (
     sample_inputs,
 )
 from contrastive_jax.models.generic import MlpEncoder, SignalTransformer
+from contrastive_jax.models.distill import Distill  # registers model.name 'distill'
 from contrastive_jax.models.multiview import MultiView  # registers model.name 'multiview' and 'slip'
 from contrastive_jax.models.layers import (
     ACTIVATIONS,
@@ -45,6 +46,7 @@ from contrastive_jax.models.towers import MlpHead, NTower, TwoTower, logical_par
 from contrastive_jax.models.vit import VisionTransformer, vit_variant
 
 __all__ = [
+    "Distill",
     "ACTIVATIONS", "DTYPES", "DenseGeneral", "ENCODERS", "Encoder", "EncoderBlock", "IMAGE_TOWERS", "MultiView",
     "LayerNorm", "MAPHead", "MODELS", "MlpBlock", "MlpEncoder", "MlpHead", "MultiHeadAttention", "NTower",
     "ResNet", "SignalTransformer", "TEXT_TOWERS", "TextTransformer", "TwoTower", "VisionTransformer",

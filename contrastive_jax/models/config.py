@@ -92,5 +92,7 @@ def defaults() -> ml_collections.ConfigDict:
     # n_tower only: order of the modalities (empty: sorted names of model.towers) and the
     # free-form tower descriptions (see the module docstring).
     c.modalities = ()
+    # distill only: the frozen teacher's model config (free-form; merged onto these defaults).
+    c.teacher = ml_collections.ConfigDict()
     c.towers = ml_collections.ConfigDict()
     return c

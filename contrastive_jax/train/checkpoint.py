@@ -151,7 +151,7 @@ def find_step_dir(path: str) -> str:
                             "a checkpoints/ dir or a workdir)")
 
 
-def load_params_from(spec: str, abstract_params: Any, shardings: Any) -> tuple[Any, list[str]]:
+def load_params_from(spec: str, abstract_params: Any, shardings: Any, *, into: str = "") -> tuple[Any, list[str]]:
     """Parameters for ``checkpoint.init_from = 'PATH[:SUBTREE[,SUBTREE...]]'``.
 
     Args:
@@ -159,6 +159,8 @@ def load_params_from(spec: str, abstract_params: Any, shardings: Any) -> tuple[A
         parameter path prefixes to take (e.g. ``image,image_proj``); none = every parameter.
       abstract_params: the new model's parameter shapes (the tree to fill).
       shardings: their shardings.
+      into: '/'-joined prefix in the new model under which the checkpoint's parameters go
+        (``'teacher'``: source ``image/...`` fills ``teacher/image/...``); '' = same paths.
 
     Returns:
       ``(params_or_None_tree, taken_paths)``: a tree shaped like ``abstract_params`` with loaded
@@ -184,8 +186,14 @@ def load_params_from(spec: str, abstract_params: Any, shardings: Any) -> tuple[A
 
     problems, taken = [], []
 
+    into_prefix = into.strip("/")
+
     def one(p, leaf, sharding):
         name = path_str(p)
+        if into_prefix:
+            if not name.startswith(into_prefix + "/"):
+                return None
+            name = name[len(into_prefix) + 1:]
         if not wanted(name):
             return None
         if name not in flat_src:

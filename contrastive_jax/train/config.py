@@ -28,7 +28,7 @@ ConfigDict = ml_collections.ConfigDict
 
 # Sub-dicts whose keys are free-form (the schema cannot enumerate them): nothing is rejected below
 # these paths.
-_FREE_FORM = ("model.image.extra", "model.text.extra", "model.towers")
+_FREE_FORM = ("model.image.extra", "model.text.extra", "model.towers", "model.teacher")
 
 
 class ConfigError(ValueError):
@@ -140,6 +140,9 @@ def default_config() -> ConfigDict:
     # PATH is a workdir, its checkpoints/ dir or one step dir; SUBTREE a '/'-joined param path
     # prefix (e.g. 'image,image_proj' for LiT). '' = from scratch.
     c.checkpoint.init_from = ""
+    # Where the loaded parameters go in the new model: '' = the same paths; 'teacher' = under
+    # 'teacher/' (model.name='distill' loads its frozen teacher this way).
+    c.checkpoint.init_into = ""
 
     # --- Logging ---------------------------------------------------------------------------
     c.log = ConfigDict()

@@ -14,6 +14,7 @@ uninterrupted one (CPU).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -97,12 +98,17 @@ def validate(config: Any, mesh) -> None:
 
 def model_config_for(config: Any, tokenizer: Any):
     """The model config with data-dependent fields filled in: every ``vocab_size = -1`` (the
-    two-tower ``model.text`` and any ``model.towers.<name>``) becomes the tokenizer's size."""
+    two-tower ``model.text``, any ``model.towers.<name>``, and the same in a distillation
+    ``model.teacher``) becomes the tokenizer's size."""
     model_config = copy.deepcopy(config.model)
-    groups = [model_config.get("text")] + list(model_config.get("towers", {}).values())
-    for group in groups:
-        if group is not None and hasattr(group, "get") and group.get("vocab_size", 0) == -1:
-            group.vocab_size = int(tokenizer.vocab_size)
+    teacher = model_config.get("teacher") or {}
+    # Text groups default to -1 (from the tokenizer) when the field is absent; towers only when set.
+    text_groups = [g for g in (model_config.get("text"), teacher.get("text")) if g is not None]
+    towers = list(model_config.get("towers", {}).values()) + list(teacher.get("towers", {}).values())
+    for group, missing in [(g, -1) for g in text_groups] + [(g, 0) for g in towers]:
+        if hasattr(group, "get") and group.get("vocab_size", missing) == -1:
+            with group.unlocked() if hasattr(group, "unlocked") else contextlib.nullcontext():
+                group["vocab_size"] = int(tokenizer.vocab_size)
     return model_config
 
 
@@ -252,7 +258,8 @@ def train(config: Any, workdir: str) -> dict:
         if jax.process_index() == 0:
             print(f"Resuming from step {resumed_from} ({ckpt.directory})", file=sys.stderr, flush=True)
     elif config.checkpoint.init_from:
-        loaded, taken = load_params_from(config.checkpoint.init_from, state.params, shardings.params)
+        loaded, taken = load_params_from(config.checkpoint.init_from, state.params, shardings.params,
+                                         into=str(config.checkpoint.get("init_into", "")))
         params = jax.tree.map(lambda new, old: old if new is None else new, loaded, state.params,
                               is_leaf=lambda x: x is None)
         ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)

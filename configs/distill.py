@@ -1,0 +1,44 @@
+"""Similarity distillation (TinyCLIP affinity mimicking, Wu et al. 2023) from a frozen teacher.
+
+The teacher is a finished quickstart run; the student is a half-width, shallower two-tower model
+trained on the KL between the teacher's and its own image->text / text->image distributions over
+the batch, plus a small CLIP term:
+
+    contrastive-jax train --config configs/quickstart.py --workdir runs/quickstart     # the teacher
+    contrastive-jax train --config configs/distill.py --workdir runs/distill \\
+        --config.checkpoint.init_from=runs/quickstart
+
+The teacher's parameters are loaded under 'teacher/' (checkpoint.init_into) and frozen
+(optim.freeze): no optimizer state and no backward pass through them.
+"""
+import copy
+import importlib.util
+import os
+
+
+def _quickstart(arg):
+    """configs/quickstart.py's config (its ``tiny`` variant for arg='tiny')."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
+    spec = importlib.util.spec_from_file_location("_quickstart_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if arg not in (None, "tiny"):
+        raise ValueError(f"unknown variant {arg!r}; known: tiny")
+    return module.get_config(arg)
+
+
+def get_config(arg=None):
+    c = _quickstart(arg)
+    teacher = copy.deepcopy(dict(c.model))  # the architecture the teacher run was trained with
+    student = copy.deepcopy(dict(c.model))
+    student["image"] = dict(student["image"], width=student["image"]["width"] // 2,
+                            mlp_dim=student["image"]["mlp_dim"] // 2,
+                            depth=max(student["image"]["depth"] // 2, 1))
+    student["text"] = dict(student["text"], width=student["text"]["width"] // 2,
+                           mlp_dim=student["text"]["mlp_dim"] // 2)
+    c.model = dict(student, name="distill", teacher=teacher)
+    c.loss = dict(name="distill", impl="chunked", block_size=128,
+                  distill=dict(teacher_scale=50.0, clip_weight=0.5))
+    c.optim.freeze = ("teacher/.*",)
+    c.checkpoint.init_into = "teacher"
+    return c

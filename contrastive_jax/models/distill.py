@@ -1,0 +1,82 @@
+"""A student model distilled from a frozen teacher model run in the same step.
+
+``model.name = 'distill'`` (TinyCLIP affinity mimicking, Wu et al. 2023, "TinyCLIP: CLIP
+Distillation via Affinity Mimicking and Weight Inheritance"): ``config.model`` describes the
+STUDENT (a two-tower model, all the usual fields) and ``config.model.teacher`` the TEACHER (any
+model config, merged onto the model defaults; it must be the architecture of the checkpoint it is
+loaded from). Both see the same batch; the outputs are the student's plus ``teacher_image`` and
+``teacher_text`` ``[B, D_teacher]`` under ``stop_gradient``, which ``config.loss.name='distill'``
+reads. Parameters live under ``student/`` and ``teacher/``; a run freezes the teacher
+(``optim.freeze=('teacher/.*',)``: no optimizer state, no backward pass) and loads it with
+``checkpoint.init_from=TEACHER_WORKDIR`` + ``checkpoint.init_into='teacher'``. Evaluation encodes
+with the student. Example: ``configs/distill.py``.
+"""
+from __future__ import annotations
+
+import copy
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from contrastive_jax.models import config as model_config_lib
+from contrastive_jax.models.build import MODELS, _dtype, _lookup, register_model
+
+
+class Distill(nn.Module):
+    """``student`` trained against a frozen ``teacher``; see the module docstring."""
+
+    student: nn.Module
+    teacher: nn.Module
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.student.modalities)
+
+    def __call__(self, *inputs, train: bool = False) -> dict:
+        """The student's outputs plus ``teacher_image`` / ``teacher_text`` (no gradient)."""
+        out = dict(self.student(*inputs, train=train))
+        # The teacher runs in inference mode (no dropout) and nothing flows back into it.
+        teacher = self.teacher(*inputs, train=False)
+        out["teacher_image"] = jax.lax.stop_gradient(teacher["image"])
+        out["teacher_text"] = jax.lax.stop_gradient(teacher["text"])
+        return out
+
+    def encode(self, name: str, x, train: bool = False):
+        return self.student.encode(name, x, train=train)
+
+    def encode_image(self, images, train: bool = False):
+        return self.student.encode_image(images, train=train)
+
+    def encode_text(self, texts, train: bool = False):
+        return self.student.encode_text(texts, train=train)
+
+
+def _merged(base: ml_collections.ConfigDict, update) -> ml_collections.ConfigDict:
+    for key, value in update.items():
+        if key in base and isinstance(base[key], ml_collections.ConfigDict) and hasattr(value, "items"):
+            _merged(base[key], value)
+        else:
+            with base.unlocked():
+                base[key] = value
+    return base
+
+
+def teacher_config(model_config) -> ml_collections.ConfigDict:
+    """``config.model.teacher`` merged onto the model defaults (the teacher's full model config)."""
+    if "teacher" not in model_config or not model_config.teacher:
+        raise ValueError("model.name='distill' needs model.teacher: the teacher's model config")
+    return _merged(model_config_lib.defaults(), model_config.teacher)
+
+
+def build_distill(model_config, dtype) -> Distill:
+    student_config = copy.deepcopy(model_config)
+    with student_config.unlocked():
+        student_config.name = "two_tower"
+    student = MODELS["two_tower"](student_config, dtype)
+    tcfg = teacher_config(model_config)
+    teacher = _lookup(MODELS, tcfg.get("name", "two_tower"), "model.teacher.name")(tcfg, _dtype(tcfg))
+    return Distill(student=student, teacher=teacher)
+
+
+register_model("distill", build_distill)
