@@ -12,23 +12,15 @@ The teacher's parameters are loaded under 'teacher/' (checkpoint.init_into) and 
 (optim.freeze): no optimizer state and no backward pass through them.
 """
 import copy
-import importlib.util
 import os
 
+from contrastive_jax.train.config import config_file
 
-def _quickstart(arg):
-    """configs/quickstart.py's config (its ``tiny`` variant for arg='tiny')."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
-    spec = importlib.util.spec_from_file_location("_quickstart_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if arg not in (None, "tiny"):
-        raise ValueError(f"unknown variant {arg!r}; known: tiny")
-    return module.get_config(arg)
+QUICKSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
 
 
 def get_config(arg=None):
-    c = _quickstart(arg)
+    c = config_file(QUICKSTART, arg)
     teacher = copy.deepcopy(dict(c.model))  # the architecture the teacher run was trained with
     student = copy.deepcopy(dict(c.model))
     student["image"] = dict(student["image"], width=student["image"]["width"] // 2,

@@ -6,23 +6,15 @@ Shapes captions repeat (a few kinds x colours x sizes x positions), so a batch h
 matches among its "negatives": ``tau_plus`` debiases for them and pairs whose cosine exceeds
 ``fn_threshold`` are dropped as false negatives.
 """
-import importlib.util
 import os
 
+from contrastive_jax.train.config import config_file
 
-def _quickstart(arg):
-    """configs/quickstart.py's config (its ``tiny`` variant for arg='tiny')."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
-    spec = importlib.util.spec_from_file_location("_quickstart_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if arg not in (None, "tiny"):
-        raise ValueError(f"unknown variant {arg!r}; known: tiny")
-    return module.get_config(arg)
+QUICKSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
 
 
 def get_config(arg=None):
-    c = _quickstart(arg)
+    c = config_file(QUICKSTART, arg)
     c.loss = dict(name="hard_negative", impl="chunked", block_size=128,
                   hard_negative=dict(beta=0.5, tau_plus=0.05, fn_threshold=0.95))
     return c

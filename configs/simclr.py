@@ -6,23 +6,15 @@ Image-only model (``model.name="multiview"``: ViT + MLP head); no text is read. 
 the image-only evaluators (representation diagnostics, linear / k-NN / few-shot probes on the
 held-out split); zero-shot and retrieval need a text tower and are skipped.
 """
-import importlib.util
 import os
 
+from contrastive_jax.train.config import config_file
 
-def _quickstart(arg):
-    """configs/quickstart.py's config (its ``tiny`` variant for arg='tiny')."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
-    spec = importlib.util.spec_from_file_location("_quickstart_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if arg not in (None, "tiny"):
-        raise ValueError(f"unknown variant {arg!r}; known: tiny")
-    return module.get_config(arg)
+QUICKSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
 
 
 def get_config(arg=None):
-    c = _quickstart(arg)
+    c = config_file(QUICKSTART, arg)
     c.model.name = "multiview"
     c.model.head_hidden = c.model.embed_dim * 2
     c.data.num_views = 2

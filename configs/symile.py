@@ -9,23 +9,15 @@ embeddings, every modality in turn as the anchor, with O(N) negatives (streamed)
 ``loss.symile.negatives="n_squared"`` (and ``loss.impl="dense"``) for the O(N^2) variant.
 Evaluation (zero-shot, retrieval) uses the image and text towers.
 """
-import importlib.util
 import os
 
+from contrastive_jax.train.config import config_file
 
-def _quickstart(arg):
-    """configs/quickstart.py's config (its ``tiny`` variant for arg='tiny')."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
-    spec = importlib.util.spec_from_file_location("_quickstart_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if arg not in (None, "tiny"):
-        raise ValueError(f"unknown variant {arg!r}; known: tiny")
-    return module.get_config(arg)
+QUICKSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
 
 
 def get_config(arg=None):
-    c = _quickstart(arg)
+    c = config_file(QUICKSTART, arg)
     qs = c.model
     size, length = c.data.image_size, 16  # config.data.max_text_len's default
     image = dict(encoder="vit", input_shape=(size, size, 3), input_dtype="uint8",

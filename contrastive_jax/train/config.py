@@ -187,7 +187,14 @@ def merge(base: ConfigDict, update: ConfigDict | dict, *, source: str, prefix: s
     return base
 
 
-def _load_module_config(path: str, arg: str | None) -> ConfigDict:
+def config_file(path: str, arg: str | None = None) -> ConfigDict:
+    """``get_config(arg)`` of the config file at ``path``, as the file returns it (NOT merged onto
+    the defaults). Config files that build on another one call it, e.g.
+    ``config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'quickstart.py'), arg)``.
+
+    Raises:
+      ConfigError: the file is missing, defines no ``get_config`` or returns something else.
+    """
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     spec = importlib.util.spec_from_file_location(f"_cj_config_{abs(hash(path))}", path)
@@ -216,7 +223,7 @@ def load_config(spec: str | None, overrides: Sequence[str] = ()) -> ConfigDict:
     if spec:
         path, _, arg = spec.partition(":")
         source = path
-        merge(cfg, _load_module_config(path, arg or None), source=path)
+        merge(cfg, config_file(path, arg or None), source=path)
     for item in overrides:
         apply_override(cfg, item, source=f"command line (config from {source})")
     return cfg
