@@ -29,24 +29,11 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 ApplyFn = Callable[[Any, Sequence[jax.Array], jax.Array], dict]
 Objective = Callable[[dict, dict], tuple[jax.Array, dict]]
 
 ACCUMULATIONS = ("gradcache", "average")
-
-
-def split_microbatches(x: jax.Array, n: int, sharding: NamedSharding | None = None) -> jax.Array:
-    """``[B, ...] -> [n, B / n, ...]``; micro-batch ``i`` is rows ``i, i + n, i + 2n, ...``."""
-    b = x.shape[0]
-    y = jnp.swapaxes(x.reshape((b // n, n) + x.shape[1:]), 0, 1)
-    if sharding is not None:
-        spec = sharding.spec
-        y = jax.lax.with_sharding_constraint(
-            y, NamedSharding(sharding.mesh, P(None, spec[0] if len(spec) else None))
-        )
-    return y
 
 
 def take_microbatch(x: jax.Array, i: jax.Array, n: int) -> jax.Array:
@@ -60,7 +47,8 @@ def take_microbatch(x: jax.Array, i: jax.Array, n: int) -> jax.Array:
 
 
 def merge_microbatches(y: jax.Array) -> jax.Array:
-    """Inverse of :func:`split_microbatches`: ``[n, mb, ...] -> [n * mb, ...]`` in global order."""
+    """Micro-batch results stacked ``[n, mb, ...]`` (row ``i`` from :func:`take_microbatch` with
+    index ``i``) -> ``[n * mb, ...]`` in global row order."""
     n, mb = y.shape[:2]
     return jnp.swapaxes(y, 0, 1).reshape((n * mb,) + y.shape[2:])
 
@@ -69,6 +57,11 @@ def _is_per_example(leaf: jax.Array) -> bool:
     # Stacked over micro-batches: per-example outputs are [n, mb, ...], global ones (scale,
     # bias) are [n].
     return leaf.ndim >= 2
+
+
+def _global_outputs(stacked: dict) -> dict:
+    """Outputs stacked over micro-batches -> whole-batch outputs (global scalars from the first)."""
+    return jax.tree.map(lambda y: merge_microbatches(y) if _is_per_example(y) else y[0], stacked)
 
 
 def gradcache_value_and_grad(
@@ -108,7 +101,7 @@ def gradcache_value_and_grad(
         return carry, forward(params, i)
 
     _, stacked = jax.lax.scan(embed, None, index)
-    outputs = jax.tree.map(lambda y: merge_microbatches(y) if _is_per_example(y) else y[0], stacked)
+    outputs = _global_outputs(stacked)
 
     # Pass 2: the loss on the whole batch, differentiated w.r.t. the outputs.
     (loss, metrics), g_out = jax.value_and_grad(objective, has_aux=True)(outputs, batch)
@@ -165,7 +158,7 @@ def averaged_value_and_grad(
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     grads, (losses, metrics, stacked) = jax.lax.scan(one, zeros, jnp.arange(n))
-    outputs = jax.tree.map(lambda y: merge_microbatches(y) if _is_per_example(y) else y[0], stacked)
+    outputs = _global_outputs(stacked)
     return (jnp.mean(losses), jax.tree.map(jnp.mean, metrics), outputs), grads
 
 

@@ -42,11 +42,7 @@ def load_config_json(workdir: str) -> ml_collections.ConfigDict:
 
 def load_tokenizer(workdir: str):
     """The tokenizer the run trained with (``WORKDIR/tokenizer.json``)."""
-    loader = getattr(data_lib, "load_tokenizer", None)
-    path = os.path.join(workdir, "tokenizer.json")
-    if loader is not None:
-        return loader(path)
-    return data_lib.WordTokenizer.load(path)
+    return data_lib.load_tokenizer(os.path.join(workdir, "tokenizer.json"))
 
 
 def load_run(workdir: str, step: int | None = None, *, mesh=None, ema: bool = False):
