@@ -130,3 +130,16 @@ def test_config_errors_name_the_field(tmp_path):
     cfg.tokenizer.path = str(tmp_path / "bad.txt")
     with pytest.raises(ValueError, match="bad.txt:2"):
         build_tokenizer(cfg)
+
+
+def test_bpe_byte_ids_follow_clip_vocabulary_order():
+    # CLIP's vocabulary lists the 188 printable bytes first ('!' = 33 is id 0), then the other 68;
+    # then the same 256 with '</w>'. So a lone 'a' (byte 97, printable index 97 - 33 = 64) is
+    # 'a</w>' = 256 + 64 = 320, the id OpenAI's tokenizer gives the word "a"; '!' inside a word
+    # is id 0 -- the same value as padding.
+    tok = ClipBpeTokenizer([], max_len=8)
+    assert tok.tokenize("a") == [320]
+    assert tok.tokenize("!?") == [0, 256 + ord("?") - 33]
+    # DEL (byte 127) is the 34th non-printable byte (after 0..32): 256 + 188 + 33.
+    assert tok.tokenize("\x7f") == [256 + 188 + 33]
+    assert list(byte_to_unicode())[:3] == [33, 34, 35]

@@ -16,6 +16,7 @@ COMMANDS = {
     "report": "report",
     "data": "data",
     "inspect": "inspect",
+    "convert": "convert",
 }
 
 EXIT_CONFIG_ERROR = 2

@@ -417,16 +417,15 @@ def byte_to_unicode() -> dict[int, str]:
     Bytes that are printable Latin-1 characters (``!``..``~``, ``¡``..``¬``, ``®``..``ÿ``) map to
     themselves; the other 68 bytes map, in increasing order, to ``chr(256)``, ``chr(257)``, ...
     so no byte becomes whitespace or a control character.
+
+    The dict's order is the vocabulary order of CLIP's byte symbols: the 188 printable bytes
+    first, then the 68 others (so ``!`` is id 0 and ``a</w>`` is id 256 + 64 = 320).
     """
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
+    table = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in table]
+    table.update({b: chr(256 + i) for i, b in enumerate(others)})
     return table
 
 
@@ -456,10 +455,13 @@ def read_bpe_merges(path: str | os.PathLike, num_merges: int = -1) -> list[tuple
 class ClipBpeTokenizer(Tokenizer):
     """CLIP's byte-level BPE with CLIP's vocabulary layout and ids.
 
-    Ids: the 256 byte symbols, the same 256 with ``</w>`` (end of word), one id per merge in
-    file order, then ``<|startoftext|>`` (BOS) and ``<|endoftext|>`` (EOS). Padding is id 0, as in
-    CLIP. A word is split into byte symbols (its last one marked ``</w>``) and the adjacent pair
-    whose merge comes first in the file is joined, repeatedly, until no listed pair remains.
+    Ids: the 256 byte symbols (in :func:`byte_to_unicode`'s order), the same 256 with ``</w>``
+    (end of word), one id per merge in file order, then ``<|startoftext|>`` (BOS) and
+    ``<|endoftext|>`` (EOS). Padding is id 0, as in CLIP, although id 0 is also the byte ``!``:
+    models converted from CLIP pool at the EOS id (``model.text.eos_id``), not at the last
+    non-zero token. A word is split into byte symbols (its last one marked ``</w>``) and the
+    adjacent pair whose merge comes first in the file is joined, repeatedly, until no listed pair
+    remains.
 
     Args:
       merges: the merge list, highest priority first (:func:`read_bpe_merges`).
@@ -471,7 +473,7 @@ class ClipBpeTokenizer(Tokenizer):
         self._merges = [tuple(m) for m in merges]
         self._byte_sym = byte_to_unicode()
         self._sym_byte = {s: b for b, s in self._byte_sym.items()}
-        syms = [self._byte_sym[b] for b in range(256)]
+        syms = list(self._byte_sym.values())  # CLIP's order (see byte_to_unicode)
         vocab = syms + [s + "</w>" for s in syms] + [a + b for a, b in self._merges] + [_SOT, _EOT]
         self._id_to_token = vocab
         # A merge may produce a token that already exists (the first id wins, as in CLIP's dict).

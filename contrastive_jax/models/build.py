@@ -76,6 +76,7 @@ def _build_vit(cfg, dtype) -> nn.Module:
         patch_dropout=float(cfg.get("patch_dropout", 0.0)),
         remat=cfg.get("remat", "none"),
         scan=bool(cfg.get("scan", False)),
+        norm_eps=float(cfg.get("norm_eps", 1e-6)),
         dtype=dtype,
     )
 
@@ -105,6 +106,8 @@ def _build_text_transformer(cfg, dtype) -> nn.Module:
         act=cfg.get("act", "gelu"),
         remat=cfg.get("remat", "none"),
         scan=bool(cfg.get("scan", False)),
+        eos_id=int(cfg.get("eos_id", -1)),
+        norm_eps=float(cfg.get("norm_eps", 1e-6)),
         dtype=dtype,
     )
 

@@ -72,6 +72,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.image.patch_dropout = 0.0  # FLIP: fraction of patch tokens dropped at train time
     c.image.remat = "none"  # 'none' | 'full' | 'dots_saveable': recompute blocks in the backward
     c.image.scan = False  # nn.scan over the encoder blocks (stacked params, one compiled block)
+    c.image.norm_eps = 1e-6  # LayerNorm epsilon (big_vision 1e-6; PyTorch / OpenAI CLIP 1e-5)
     c.image.extra = ml_collections.ConfigDict()
 
     c.text = ml_collections.ConfigDict()
@@ -87,6 +88,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.text.act = "gelu"
     c.text.remat = "none"
     c.text.scan = False
+    c.text.norm_eps = 1e-6
+    # -1: pad id 0 marks padding and EOS is the last non-pad token; >= 0: pool at the first token
+    # with this id, everything before it is text (OpenAI CLIP: 49407, since its id 0 is '!').
+    c.text.eos_id = -1
     c.text.extra = ml_collections.ConfigDict()
 
     # n_tower only: order of the modalities (empty: sorted names of model.towers) and the

@@ -207,13 +207,14 @@ class EncoderBlock(nn.Module):
     mlp_dim: int
     act: str = "gelu"
     dtype: Dtype = jnp.float32
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         x = constrain(x, ("batch", "act_length", "act_embed"))
-        h = LayerNorm(dtype=self.dtype, name="norm_attn")(x)
+        h = LayerNorm(dtype=self.dtype, epsilon=self.norm_eps, name="norm_attn")(x)
         x = x + MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(h, mask)
-        h = LayerNorm(dtype=self.dtype, name="norm_mlp")(x)
+        h = LayerNorm(dtype=self.dtype, epsilon=self.norm_eps, name="norm_mlp")(x)
         x = x + MlpBlock(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(h)
         return constrain(x, ("batch", "act_length", "act_embed"))
 
@@ -226,11 +227,13 @@ class _ScanBlock(nn.Module):
     act: str
     dtype: Dtype
     remat: str
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, mask):
         block = _maybe_remat(EncoderBlock, self.remat, scanned=True)
-        return block(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, name="block")(x, mask), None
+        return block(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, norm_eps=self.norm_eps,
+                     name="block")(x, mask), None
 
 
 def _maybe_remat(cls, policy: str, scanned: bool = False):
@@ -257,6 +260,7 @@ class Encoder(nn.Module):
     ``layers``), compiled once instead of ``depth`` times. ``remat`` ('none' | 'full' |
     'dots_saveable') recomputes each block's activations in the backward pass instead of storing
     them ('dots_saveable' keeps matmul outputs, recomputes the cheap elementwise work).
+    ``norm_eps``: every LayerNorm's epsilon (1e-6 as big_vision; PyTorch/OpenAI CLIP use 1e-5).
     """
 
     depth: int
@@ -266,6 +270,7 @@ class Encoder(nn.Module):
     remat: str = "none"
     scan: bool = False
     dtype: Dtype = jnp.float32
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -279,12 +284,14 @@ class Encoder(nn.Module):
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = scanned(self.num_heads, self.mlp_dim, self.act, self.dtype, self.remat, name="blocks")(x, mask)
+            x, _ = scanned(self.num_heads, self.mlp_dim, self.act, self.dtype, self.remat, self.norm_eps,
+                           name="blocks")(x, mask)
         else:
             block = _maybe_remat(EncoderBlock, self.remat)
             for i in range(self.depth):
-                x = block(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, name=f"block_{i}")(x, mask)
-        return LayerNorm(dtype=self.dtype, name="norm")(x)
+                x = block(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, norm_eps=self.norm_eps,
+                          name=f"block_{i}")(x, mask)
+        return LayerNorm(dtype=self.dtype, epsilon=self.norm_eps, name="norm")(x)
 
 
 class MAPHead(nn.Module):
@@ -299,6 +306,7 @@ class MAPHead(nn.Module):
     mlp_dim: int
     act: str = "gelu"
     dtype: Dtype = jnp.float32
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -309,7 +317,7 @@ class MAPHead(nn.Module):
         )
         q = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, w))
         x = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(q, mask, kv=x)
-        y = LayerNorm(dtype=self.dtype, name="norm")(x)
+        y = LayerNorm(dtype=self.dtype, epsilon=self.norm_eps, name="norm")(x)
         x = x + MlpBlock(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(y)
         return x[:, 0]
 

@@ -7,6 +7,10 @@ in attention, and with ``causal=True`` each token sees only itself and earlier t
 these make the EOS output independent of anything at or after the first pad (for causal, of
 anything after EOS).
 
+With ``eos_id >= 0`` the EOS position is instead the first occurrence of that id, and the keys
+up to it are valid whatever their ids. OpenAI CLIP's vocabulary needs this: its id 0 is a real
+byte token (``!``) that is also the padding, and CLIP pools at the end-of-text token.
+
 Pooling (``pool``): ``'eos'`` (CLIP, Radford et al. 2021), ``'last'`` (the last position of
 the padded sequence, as SigLIP's text tower, Zhai et al. 2023 — with pad keys masked that
 position reads the real tokens), ``'map'`` (multihead attention pooling over the non-pad tokens).
@@ -33,6 +37,9 @@ class TextTransformer(nn.Module):
     At apply time the stored length is used and inputs may be *shorter* (the first ``L`` rows are
     used), so a model initialized with ``L=77`` also encodes ``L=16`` inputs identically to their
     pad-extended versions (for pool 'eos' and 'map').
+
+    ``eos_id``: -1 (pad id 0 marks padding, EOS is the last non-pad token) or the EOS token's id
+    (see the module docstring). ``norm_eps``: every LayerNorm's epsilon (PyTorch uses 1e-5).
     """
 
     vocab_size: int
@@ -46,6 +53,8 @@ class TextTransformer(nn.Module):
     act: str = "gelu"
     remat: str = "none"
     scan: bool = False
+    eos_id: int = -1
+    norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -83,20 +92,27 @@ class TextTransformer(nn.Module):
         x = x + pos[:length].astype(self.dtype)[None]
         x = constrain(x, ("batch", "act_length", "act_embed"))
 
-        valid = tokens != PAD_ID  # [B, L]
+        if self.eos_id >= 0:
+            is_eos = tokens == self.eos_id
+            # First EOS; a row without one pools its last position (argmax of all-False is 0).
+            eos = jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), length - 1)
+            valid = jnp.arange(length)[None, :] <= eos[:, None]
+        else:
+            valid = tokens != PAD_ID  # [B, L]
+            # EOS = last non-pad token; an all-pad row pools position 0 rather than wrapping to -1.
+            eos = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
         key_mask = valid[:, None, None, :]  # keys: [B, 1, 1, L]
         mask = key_mask
         if self.causal:
             mask = mask & jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
         x = Encoder(
             self.depth, self.num_heads, self.mlp_dim, act=self.act, remat=self.remat, scan=self.scan,
-            dtype=self.dtype, name="encoder",
+            dtype=self.dtype, norm_eps=self.norm_eps, name="encoder",
         )(x, mask)
 
         if self.pool == "last":
             return x[:, -1]
         if self.pool == "map":
-            return MAPHead(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, name="map")(x, key_mask)
-        # EOS = last non-pad token; an all-pad row pools position 0 rather than wrapping to -1.
-        eos = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
+            return MAPHead(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, norm_eps=self.norm_eps,
+                           name="map")(x, key_mask)
         return jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]

@@ -101,6 +101,8 @@ class VisionTransformer(nn.Module):
 
     ``patch_dropout`` (FLIP): at ``train=True`` only this fraction of the patch tokens is dropped
     at random (rng stream ``'dropout'``); at ``train=False`` all tokens are used.
+
+    ``norm_eps``: every LayerNorm's epsilon (1e-6; checkpoints converted from PyTorch use 1e-5).
     """
 
     patch_size: int
@@ -118,6 +120,7 @@ class VisionTransformer(nn.Module):
     patch_dropout: float = 0.0
     remat: str = "none"
     scan: bool = False
+    norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -183,15 +186,16 @@ class VisionTransformer(nn.Module):
             x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.width)), x], axis=1)
         x = constrain(x, ("batch", "act_length", "act_embed"))
         if self.norm_pre:
-            x = LayerNorm(dtype=self.dtype, name="norm_pre")(x)
+            x = LayerNorm(dtype=self.dtype, epsilon=self.norm_eps, name="norm_pre")(x)
         x = Encoder(
             self.depth, self.num_heads, self.mlp_dim, act=self.act, remat=self.remat, scan=self.scan,
-            dtype=self.dtype, name="encoder",
+            dtype=self.dtype, norm_eps=self.norm_eps, name="encoder",
         )(x)
         if use_cls:
             return x[:, 0]
         if self.pool == "map":
-            return MAPHead(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, name="map")(x)
+            return MAPHead(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, norm_eps=self.norm_eps,
+                           name="map")(x)
         # Mean in float32: summing many bf16 tokens loses precision.
         return jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
 

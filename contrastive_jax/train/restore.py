@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import orbax.checkpoint as ocp
 
 from contrastive_jax import data as data_lib
 from contrastive_jax import models
 from contrastive_jax.parallel.mesh import make_mesh
-from contrastive_jax.train.checkpoint import Checkpointer
+from contrastive_jax.parallel.logical import param_shardings
 from contrastive_jax.train.config import default_config, merge
 from contrastive_jax.train.loop import INPUTS_FILE, model_config_for
-from contrastive_jax.train.optim import make_optimizer
-from contrastive_jax.train.state import abstract_train_state
 
 
 def _to_config_dict(value: Any) -> Any:
@@ -45,45 +46,109 @@ def load_tokenizer(workdir: str):
     return data_lib.load_tokenizer(os.path.join(workdir, "tokenizer.json"))
 
 
+def _step_dirs(checkpoints: str) -> list[int]:
+    if not os.path.isdir(checkpoints):
+        return []
+    return sorted((int(d) for d in os.listdir(checkpoints)
+                   if d.isdigit() and os.path.isdir(os.path.join(checkpoints, d, "state"))), reverse=True)
+
+
+def restore_params(workdir: str, abstract_params: Any, shardings: Any, *, step: int | None = None,
+                   ema: bool = False) -> tuple[int, Any]:
+    """Reads only the parameters (or the EMA parameters) of a checkpoint, straight into place.
+
+    The optimizer state is not read, so this also loads model directories that hold parameters
+    only (:func:`write_model_dir`). With ``step=None`` the newest checkpoint that restores is used
+    (an unreadable one is skipped with a warning, as the trainer does).
+
+    Returns ``(step, params)``.
+    """
+    checkpoints = os.path.join(workdir, "checkpoints")
+    steps = _step_dirs(checkpoints) if step is None else [int(step)]
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {checkpoints}")
+    key = "ema_params" if ema else "params"
+    target = {key: jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                abstract_params, shardings)}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    errors = []
+    for s in steps:
+        path = os.path.join(checkpoints, str(s), "state")
+        try:
+            with ocp.PyTreeCheckpointer() as reader:
+                restored = reader.restore(path, args=args)
+            return s, restored[key]
+        except Exception as e:  # noqa: BLE001 - any failure means "try the previous checkpoint"
+            if step is not None:
+                what = "EMA parameters (config.optim.ema_decay was 0?)" if ema else "parameters"
+                raise ValueError(f"cannot read the {what} of {path}: {type(e).__name__}: {str(e)[:400]}") from e
+            errors.append(f"step {s}: {type(e).__name__}: {str(e)[:200]}")
+            warnings.warn(f"checkpoint {path} is unreadable ({errors[-1]}); trying the previous one")
+    raise FileNotFoundError(f"no readable checkpoint in {checkpoints}:\n  " + "\n  ".join(errors))
+
+
 def load_run(workdir: str, step: int | None = None, *, mesh=None, ema: bool = False):
-    """Loads ``(config, model, params, tokenizer)`` of the run in ``workdir``.
+    """Loads ``(config, model, params, tokenizer)`` of the run (or model directory) in ``workdir``.
 
     Args:
       step: checkpoint step (None: the newest one that restores).
-      mesh: where to place the params (None: a mesh over this process's first device).
+      mesh: where to place the params (None: replicated on this process's first device).
       ema: return the EMA parameters (the run must have kept them).
 
     Returns:
       ``config`` (ConfigDict), ``model`` (unbound flax module), ``params`` (pytree of float32
-      jax.Arrays on ``mesh``), ``tokenizer``.
+      jax.Arrays on ``mesh``), ``tokenizer`` (None for a model directory written without one).
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config = load_config_json(workdir)
-    tokenizer = load_tokenizer(workdir)
-    model = models.build(model_config_for(config, tokenizer))
+    tok_path = os.path.join(workdir, "tokenizer.json")
+    tokenizer = data_lib.load_tokenizer(tok_path) if os.path.isfile(tok_path) else None
+    model = models.build(model_config_for(config, tokenizer) if tokenizer is not None else config.model)
     with open(os.path.join(workdir, INPUTS_FILE), encoding="utf-8") as fh:
         spec = json.load(fh)
     sample = [jax.ShapeDtypeStruct((1, *spec[k][0]), jnp.dtype(spec[k][1])) for k in spec]
     if mesh is None:
         mesh = make_mesh([("data", 1)], jax.local_devices()[:1])
-    # The schedule does not change the state's structure, so its length does not matter here.
-    tx, _ = make_optimizer(config.optim, 1, warmup_steps=0)
     # Shapes only: nothing is initialized, the checkpoint is read straight into place.
-    state, shardings = abstract_train_state(model, tx, sample, rules=config.sharding.rules, mesh=mesh,
-                                            ema=float(config.optim.ema_decay) > 0, sharding=config.sharding)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=1, keep=1 << 30, async_save=False)
+    abstract = jax.eval_shape(lambda *xs: model.init(jax.random.key(0), *xs), *sample)["params"]
+    shardings = param_shardings(abstract, config.sharding, mesh)
+    _, params = restore_params(workdir, nn.meta.unbox(abstract), shardings, step=step, ema=ema)
+    return config, model, params, tokenizer
+
+
+def write_model_dir(directory: str, config: Any, params: Any, tokenizer: Any = None) -> str:
+    """Writes a directory that :func:`load_run`, ``contrastive_jax.load``, ``contrastive-jax eval
+    --checkpoint`` and ``checkpoint.init_from`` all read: ``config.json``, ``tokenizer.json`` (if
+    given), ``inputs.json`` and ``checkpoints/0/state`` holding ``{'params': params}``.
+
+    Args:
+      config: a full run config (e.g. ``default_config()`` merged with a converted model's groups).
+      params: the model's parameters (numpy or jax arrays, unboxed).
+    Returns the directory's absolute path.
+    """
+    directory = os.path.abspath(os.path.expanduser(directory))
+    step_dir = os.path.join(directory, "checkpoints", "0")
+    if os.path.exists(step_dir):
+        raise FileExistsError(f"{step_dir} exists; choose an empty directory")
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as fh:
+        fh.write(config.to_json_best_effort(indent=2))
+    if tokenizer is not None:
+        tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    model = models.build(model_config_for(config, tokenizer) if tokenizer is not None else config.model)
+    sample = models.sample_inputs(config.model, config.data, modalities=tuple(model.modalities))
+    with open(os.path.join(directory, INPUTS_FILE), "w", encoding="utf-8") as fh:
+        json.dump({k: [list(s.shape[1:]), str(s.dtype)] for k, s in zip(model.modalities, sample)}, fh)
+    # The same item names as the trainer's checkpoints ('state' + 'data'), so every reader of a
+    # run's checkpoints reads this too.
+    manager = ocp.CheckpointManager(os.path.join(directory, "checkpoints"), item_names=("state", "data"),
+                                    options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
     try:
-        if step is None:
-            restored = ckpt.restore_latest_good(state, shardings, quarantine=False)
-            if restored is None:
-                raise FileNotFoundError(f"no readable checkpoint in {ckpt.directory}")
-            _, state, _ = restored
-        else:
-            state, _ = ckpt.restore(step, state, shardings)
+        params = jax.tree.map(jnp.asarray, params)
+        manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
+                                                data=ocp.args.JsonSave({})))
+        manager.wait_until_finished()
     finally:
-        ckpt.close()
-    if ema:
-        if state.ema_params is None:
-            raise ValueError(f"the run in {workdir} kept no EMA parameters (config.optim.ema_decay=0)")
-        return config, model, state.ema_params, tokenizer
-    return config, model, state.params, tokenizer
+        manager.close()
+    return directory

@@ -1,0 +1,263 @@
+"""The notebook API: load a model from a training run or a PyTorch CLIP checkpoint and embed.
+
+    import contrastive_jax
+    model = contrastive_jax.load("runs/quickstart")        # or "ViT-B-32.pt", vocab="bpe_simple_vocab_16e6.txt.gz"
+    image_emb = model.encode_images(images)                # uint8 [N, H, W, 3] -> float32 [N, D], unit norm
+    text_emb = model.encode_texts(["a photo of a dog"])    # -> float32 [N, D], unit norm
+    classify = model.zero_shot_classifier(["dog", "cat"], ["a photo of a {}."])
+    probs = classify(images)                                # float32 [N, 2]
+
+Everything runs on one device (the first of this process: a CPU, or a GPU if jax has one), with
+no config file and no mesh; the config a model needs comes with it (a run's ``config.json``, or
+the one :mod:`contrastive_jax.interop` derives from a checkpoint).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def load(path: str | os.PathLike, *, step: int | None = None, ema: bool = False,
+         vocab: str | os.PathLike | None = None, **convert_options: Any) -> "Model":
+    """Loads a model for encoding.
+
+    Args:
+      path: a training workdir or a model directory (``contrastive-jax convert`` /
+        :meth:`Model.save`), or a PyTorch CLIP checkpoint file (``.pt`` / ``.bin`` /
+        ``.safetensors`` of OpenAI CLIP or open_clip, converted on the fly).
+      step: checkpoint step of a directory (None: the newest readable one).
+      ema: a directory's EMA parameters instead of the trained ones.
+      vocab: CLIP's BPE merges file, for checkpoint files (and directories saved without a
+        tokenizer); ``encode_texts`` needs a tokenizer.
+      convert_options: for checkpoint files, passed to
+        :func:`contrastive_jax.interop.load_clip_checkpoint` (``act``, ``layout``,
+        ``image_heads``, ``text_heads``, ``open_clip_config``).
+    """
+    path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.isdir(path):
+        from contrastive_jax.train.restore import load_run
+
+        if convert_options:
+            raise TypeError(f"{sorted(convert_options)} apply to checkpoint files, not to the directory {path}")
+        config, module, params, tokenizer = load_run(path, step, ema=ema)
+        if vocab is not None:
+            from contrastive_jax.interop.clip import clip_tokenizer
+
+            text = config.model.text
+            tokenizer = clip_tokenizer(vocab, int(text.vocab_size), int(text.context_length))
+        return Model(config, module, params, tokenizer)
+    if os.path.isfile(path):
+        if step is not None or ema:
+            raise TypeError("step= and ema= apply to directories; a checkpoint file has one set of weights")
+        from contrastive_jax import models
+        from contrastive_jax.interop import load_clip_checkpoint
+
+        ckpt = load_clip_checkpoint(path, vocab=vocab, **convert_options)
+        module = models.build(ckpt.config.model)
+        params = jax.device_put(ckpt.params, jax.local_devices()[0])
+        return Model(ckpt.config, module, params, ckpt.tokenizer)
+    raise FileNotFoundError(f"{path}: neither a run/model directory nor a checkpoint file")
+
+
+def _bucket(n: int, batch_size: int) -> int:
+    """Rows per encode call: the next power of two >= n, capped at batch_size (few compiles,
+    little padding)."""
+    return max(1, min(batch_size, 1 << max(n - 1, 0).bit_length()))
+
+
+class Model:
+    """A loaded model with numpy-in, numpy-out encoders.
+
+    Attributes:
+      config: the run config (``model``, ``data.image_size``, ``data.mean/std``, tokenizer rules).
+      module: the flax module; params: its parameters (on one device); tokenizer: or None.
+      image_size: input resolution (pixels); images of another size are resized (shorter side,
+        bicubic) and centre-cropped, as evaluation does.
+    """
+
+    def __init__(self, config, module, params, tokenizer=None):
+        self.config, self.module, self.params, self.tokenizer = config, module, params, tokenizer
+        self.image_size = int(config.data.image_size)
+        self._mean = np.asarray(config.data.mean, np.float32)
+        self._std = np.asarray(config.data.std, np.float32)
+        self._encode = jax.jit(lambda p, name, x: module.apply({"params": p}, name, x, method="encode"),
+                               static_argnums=1)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.module.modalities)
+
+    @property
+    def logit_scale(self) -> float:
+        """The learned temperature's inverse, ``exp(log_scale)`` clamped at ``model.max_scale``."""
+        return float(min(np.exp(np.asarray(self.params["log_scale"])), float(self.config.model.max_scale)))
+
+    def __repr__(self) -> str:
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+        return (f"Model({type(self.module).__name__}, modalities={self.modalities}, params={n:,}, "
+                f"image_size={self.image_size}, tokenizer={self.tokenizer!r})")
+
+    def save(self, directory: str) -> str:
+        """Writes a model directory (config, tokenizer, params) that :func:`load`, ``contrastive-jax
+        eval --checkpoint`` and ``checkpoint.init_from`` read."""
+        from contrastive_jax.train.restore import write_model_dir
+
+        return write_model_dir(directory, self.config, self.params, self.tokenizer)
+
+    def export(self, path: str, *, layout: str = "openai", dtype: Any = np.float32) -> None:
+        """Writes the params as a PyTorch CLIP state dict (``.safetensors`` / ``.pt`` / ``.bin``) of
+        OpenAI's or open_clip's key layout (:func:`contrastive_jax.interop.save_clip_checkpoint`)."""
+        from contrastive_jax.interop import save_clip_checkpoint
+
+        save_clip_checkpoint(path, self.params, self.config, layout=layout, dtype=dtype)
+
+    # -- inputs ------------------------------------------------------------------------------
+
+    def preprocess_images(self, images: Any) -> np.ndarray:
+        """Images -> float32 ``[N, S, S, 3]`` normalized with ``config.data.mean/std``.
+
+        Accepts a uint8 array (0..255) or a float array (0..1) of shape ``[N, H, W, 3]`` or
+        ``[H, W, 3]``, or a list of such arrays, PIL images or file paths. Grayscale / RGBA inputs
+        of PIL images and files are converted to RGB; arrays of another size are resized and
+        centre-cropped (floats go through uint8 for that).
+        """
+        if isinstance(images, (np.ndarray, jax.Array)):
+            arr = np.asarray(images)
+            if arr.ndim == 3:
+                arr = arr[None]
+            if arr.ndim != 4 or arr.shape[-1] != 3:
+                raise ValueError(f"images must be [N, H, W, 3] or [H, W, 3] RGB, got shape {arr.shape}")
+            if arr.shape[1:3] == (self.image_size, self.image_size):
+                return self._normalize(arr)
+            images = list(arr)
+        if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
+            raise TypeError("images: an array [N, H, W, 3] or a list of arrays / PIL images / paths, "
+                            f"got {type(images).__name__}")
+        return np.stack([self._normalize(self._fit(img))[0] for img in images]) if len(images) else \
+            np.zeros((0, self.image_size, self.image_size, 3), np.float32)
+
+    def _fit(self, img: Any) -> np.ndarray:
+        from PIL import Image
+
+        from contrastive_jax.data.transforms import resize_center_crop
+
+        if isinstance(img, (str, os.PathLike)):
+            with Image.open(img) as f:
+                img = f.convert("RGB")
+        elif isinstance(img, Image.Image):
+            img = img.convert("RGB")
+        else:
+            arr = np.asarray(img)
+            if arr.ndim != 3 or arr.shape[-1] != 3:
+                raise ValueError(f"an image must be [H, W, 3] RGB, got shape {arr.shape}")
+            if arr.shape[:2] == (self.image_size, self.image_size):
+                return arr
+            if arr.dtype != np.uint8:
+                arr = np.clip(np.round(arr.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
+            img = Image.fromarray(arr)
+        return np.asarray(resize_center_crop(img, self.image_size))
+
+    def _normalize(self, arr: np.ndarray) -> np.ndarray:
+        arr = np.asarray(arr)
+        x = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
+        return ((x - self._mean) / self._std)[None] if x.ndim == 3 else (x - self._mean) / self._std
+
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> int32 ``[N, L]`` with the model's tokenizer and text rules."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass vocab='bpe_simple_vocab_16e6.txt.gz' (CLIP's "
+                             "merges file) to contrastive_jax.load")
+        if isinstance(texts, str):
+            raise TypeError("encode_texts takes a list of strings (got one string)")
+        return np.asarray(self.tokenizer.encode(list(texts)), np.int32)
+
+    # -- encoders ----------------------------------------------------------------------------
+
+    def _run(self, name: str, x: np.ndarray, batch_size: int) -> np.ndarray:
+        if x.shape[0] == 0:
+            return np.zeros((0, int(self.config.model.embed_dim)), np.float32)
+        from contrastive_jax.evaluate.encode import encode_in_batches
+
+        rows = _bucket(x.shape[0], batch_size)
+        return encode_in_batches(lambda b: self._encode(self.params, name, jnp.asarray(b)), x, rows)
+
+    def encode_images(self, images: Any, *, batch_size: int = 128) -> np.ndarray:
+        """Images (see :meth:`preprocess_images`) -> float32 ``[N, D]``, unit L2 norm."""
+        name = "image" if "image" in self.modalities else None
+        if name is None:
+            raise ValueError(f"this model has no 'image' modality (it has {self.modalities})")
+        return self._run(name, self.preprocess_images(images), batch_size)
+
+    def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
+        """``list[str]`` -> float32 ``[N, D]``, unit L2 norm."""
+        if "text" not in self.modalities:
+            raise ValueError(f"this model has no 'text' modality (it has {self.modalities})")
+        return self._run("text", self.tokenize(texts), batch_size)
+
+    def similarity(self, images: Any, texts: Sequence[str]) -> np.ndarray:
+        """Cosine similarities ``[N_images, N_texts]`` float32."""
+        return self.encode_images(images) @ self.encode_texts(texts).T
+
+    def zero_shot_classifier(self, class_names: Sequence[str], templates: Sequence[str] | str | None = None
+                             ) -> "ZeroShotClassifier":
+        """A classifier over ``class_names`` from prompt templates (CLIP's prompt ensembling: each
+        class is the normalized mean of its normalized prompt embeddings).
+
+        Args:
+          templates: format strings with one ``{}`` (default ``('a photo of a {}.',)``), or a
+            built-in set by name (``'imagenet'``: CLIP's 80) or a templates file path.
+        """
+        from contrastive_jax.evaluate.zero_shot import load_templates, zero_shot_class_embeddings
+
+        if isinstance(templates, str):
+            templates = load_templates(templates)
+        templates = list(templates or _DEFAULT_TEMPLATES)
+        bad = [t for t in templates if t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"each template needs exactly one '{{}}', got {bad[:3]}")
+        if self.tokenizer is None:
+            self.tokenize([])  # raises the error that says how to give the model a tokenizer
+        rows = _bucket(len(class_names) * len(templates), 256)
+
+        def encode_text(batch):
+            return self._encode(self.params, "text", jnp.asarray(batch))
+
+        weights = zero_shot_class_embeddings(encode_text, self.tokenizer, list(class_names), templates, rows)
+        return ZeroShotClassifier(self, list(class_names), templates, weights)
+
+
+class ZeroShotClassifier:
+    """``classifier(images) -> float32 [N, C]`` class probabilities (softmax over classes of the
+    model's ``logit_scale`` times the cosine similarity).
+
+    Attributes:
+      class_names: ``C`` names; templates: the prompt templates;
+      class_embeddings: float32 ``[C, D]``, unit norm (the classifier's weights).
+    """
+
+    def __init__(self, model: Model, class_names: list[str], templates: list[str], class_embeddings: np.ndarray):
+        self.model, self.class_names, self.templates = model, class_names, templates
+        self.class_embeddings = class_embeddings
+
+    def logits(self, images: Any) -> np.ndarray:
+        """``logit_scale * cos(image, class)``: float32 ``[N, C]``."""
+        return self.model.logit_scale * (self.model.encode_images(images) @ self.class_embeddings.T)
+
+    def __call__(self, images: Any) -> np.ndarray:
+        logits = self.logits(images)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def predict(self, images: Any) -> np.ndarray:
+        """Index of the most similar class per image, int ``[N]``."""
+        return np.argmax(self.logits(images), axis=1)
+
+    def predict_names(self, images: Any) -> list[str]:
+        return [self.class_names[i] for i in self.predict(images)]
