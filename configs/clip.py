@@ -8,8 +8,10 @@ Variants (``arg``):
 - ``vit_b32``, ``vit_b16``, ``vit_l14``: OpenAI CLIP (Radford et al. 2021) — 224 px, class-token
   pooling with a position for the class token, LayerNorm before the encoder, bias-free patch
   projection and heads, QuickGELU, a 12-layer causal text tower (77 tokens, 49,408 BPE vocab)
-  pooled at EOS, softmax loss. Parameter counts equal the released models: 151,277,313 /
-  149,620,737 / 427,616,513 (checked by ``tests/test_model_zoo.py``).
+  pooled at EOS, softmax loss, LayerNorm epsilon 1e-5. Parameter counts equal the released
+  models: 151,277,313 / 149,620,737 / 427,616,513 (checked by ``tests/test_model_zoo.py``).
+  A converted OpenAI checkpoint (``contrastive-jax convert``, docs/interop.md) has exactly this
+  config, so ``--config.checkpoint.init_from=<converted dir>`` fine-tunes it.
 - ``siglip_b16``, ``siglip_so400m14``: SigLIP (Zhai et al. 2023) — MAP-pooled ViT without a class
   token, bidirectional text tower (64 tokens, 32k vocab) pooled at the last token, sigmoid loss
   with scale init 10 and bias init -10. (Head/bias details of the released checkpoints differ
@@ -52,12 +54,17 @@ def get_config(arg="vit_b16"):
             embed_dim=embed, scale_init=math.log(1 / 0.07), bias_init=0.0, max_scale=100.0,
             head="linear", head_bias=False,
             image=dict(name="vit", **_vit(size, patch), pool="cls", cls_posemb=True, norm_pre=True,
-                       patch_bias=False, posemb="learn", stem="patch", act="quick_gelu"),
+                       patch_bias=False, posemb="learn", stem="patch", act="quick_gelu", norm_eps=1e-5),
+            # Pooled at <|endoftext|> (id 49407): CLIP's id 0 is '!' as well as the padding.
             text=dict(name="transformer", vocab_size=49408, context_length=77, width=t_width,
                       depth=t_depth, num_heads=t_heads, mlp_dim=4 * t_width, causal=True, pool="eos",
-                      act="quick_gelu"),
+                      act="quick_gelu", norm_eps=1e-5, eos_id=49407),
         )
-        c.data = dict(image_size=image_size, max_text_len=77)
+        # OpenAI's normalization and tokenizer rules; set data.tokenizer.path to CLIP's merges
+        # file (bpe_simple_vocab_16e6.txt.gz; its first 48,894 merges give the 49,408 ids).
+        c.data = dict(image_size=image_size, max_text_len=77, mean=(0.48145466, 0.4578275, 0.40821073),
+                      std=(0.26862954, 0.26130258, 0.27577711),
+                      tokenizer=dict(kind="clip_bpe", clean="basic", lowercase=True, bpe_merges=48894))
         c.loss = dict(name="softmax", impl="chunked")
     elif arg in _SIGLIP:
         (size, patch, image_size), t_size, embed = _SIGLIP[arg]

@@ -228,3 +228,49 @@ def test_convert_command_imports_and_exports(tmp_path, clip_model, merges, capsy
     assert sorted(b) == sorted(k if k.startswith(("visual.", "logit_")) else "text." + k for k in a)
     assert all(np.array_equal(a[k], b[k if k.startswith(("visual.", "logit_")) else "text." + k]) for k in a)
     assert main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("variant, width, layers, patch, t_width, embed, published", [
+    ("vit_b32", 768, 12, 32, 512, 512, 151_277_313),
+    ("vit_b16", 768, 12, 16, 512, 512, 149_620_737),
+    ("vit_l14", 1024, 24, 14, 768, 768, 427_616_513),
+])
+def test_released_openai_shapes_convert_to_the_zoo_configs(variant, width, layers, patch, t_width, embed, published):
+    """OpenAI's key list, written out here from the released architecture (its tensor sizes sum to
+    the published parameter count), is exactly what the converter maps, and reads back as the
+    model zoo's config -- checked on shapes alone (no 600 MB of weights)."""
+    import os
+
+    from contrastive_jax.train.config import load_config
+
+    def block(prefix, w):
+        return {f"{prefix}.ln_1.weight": (w,), f"{prefix}.ln_1.bias": (w,), f"{prefix}.attn.in_proj_weight": (3 * w, w),
+                f"{prefix}.attn.in_proj_bias": (3 * w,), f"{prefix}.attn.out_proj.weight": (w, w),
+                f"{prefix}.attn.out_proj.bias": (w,), f"{prefix}.ln_2.weight": (w,), f"{prefix}.ln_2.bias": (w,),
+                f"{prefix}.mlp.c_fc.weight": (4 * w, w), f"{prefix}.mlp.c_fc.bias": (4 * w,),
+                f"{prefix}.mlp.c_proj.weight": (w, 4 * w), f"{prefix}.mlp.c_proj.bias": (w,)}
+
+    grid = 224 // patch
+    shapes = {"visual.class_embedding": (width,), "visual.positional_embedding": (grid * grid + 1, width),
+              "visual.proj": (width, embed), "visual.conv1.weight": (width, 3, patch, patch),
+              "visual.ln_pre.weight": (width,), "visual.ln_pre.bias": (width,), "visual.ln_post.weight": (width,),
+              "visual.ln_post.bias": (width,), "positional_embedding": (77, t_width),
+              "text_projection": (t_width, embed), "logit_scale": (), "token_embedding.weight": (49408, t_width),
+              "ln_final.weight": (t_width,), "ln_final.bias": (t_width,)}
+    for i in range(layers):
+        shapes.update(block(f"visual.transformer.resblocks.{i}", width))
+    for i in range(12):
+        shapes.update(block(f"transformer.resblocks.{i}", t_width))
+    assert sum(int(np.prod(s)) for s in shapes.values()) == published
+    views = {k: np.broadcast_to(np.float32(0), s) for k, s in shapes.items()}  # no memory
+    model, notes = interop.clip.infer_model_config(views, "openai", act="quick_gelu")
+    rules = interop.clip._rules(model, "openai", logit_bias=False)
+    assert {r.key: r.shape for r in rules} == shapes
+    zoo = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "clip.py") + f":{variant}")
+    config = merge(default_config(), run_config(model), source="test")
+    for group in ("image", "text"):
+        ours, theirs = config.model[group].to_dict(), zoo.model[group].to_dict()
+        assert {k: v for k, v in ours.items() if k in theirs} == {k: theirs[k] for k in ours if k in theirs}, group
+    assert (config.model.embed_dim, config.data.image_size, tuple(config.data.mean)) == (
+        zoo.model.embed_dim, zoo.data.image_size, tuple(zoo.data.mean))
+    assert config.data.tokenizer.bpe_merges == zoo.data.tokenizer.bpe_merges == 48894
