@@ -183,6 +183,11 @@ def test_model_directory_loads_everywhere(tmp_path, clip_model, merges):
     np.testing.assert_array_equal(loaded["image_proj"]["kernel"], params["image_proj"]["kernel"])
     with pytest.raises(FileExistsError):
         ckpt.save(directory)
+    # Its config.json is a config file for training from it.
+    from contrastive_jax.train.config import load_config
+
+    reused = load_config(directory + "/config.json", [f"checkpoint.init_from={directory}"])
+    assert reused.model.to_dict() == ckpt.config.model.to_dict() and reused.data.mean == interop.CLIP_MEAN
 
 
 def nn_unbox(tree):

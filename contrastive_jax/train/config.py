@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 from typing import Any, Sequence
 
@@ -192,11 +193,23 @@ def config_file(path: str, arg: str | None = None) -> ConfigDict:
     the defaults). Config files that build on another one call it, e.g.
     ``config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'quickstart.py'), arg)``.
 
+    A ``.json`` path (a run's ``config.json``, e.g. of a converted checkpoint) is read as the
+    config itself.
+
     Raises:
       ConfigError: the file is missing, defines no ``get_config`` or returns something else.
     """
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
+    if path.endswith(".json"):
+        # A run's (or converted model's) resolved config.json, reused as a config file.
+        if arg is not None:
+            raise ConfigError(f"{path}: a .json config takes no ':arg'")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return ConfigDict(json.load(fh))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from e
     spec = importlib.util.spec_from_file_location(f"_cj_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
