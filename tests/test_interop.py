@@ -233,6 +233,17 @@ def test_convert_command_imports_and_exports(tmp_path, clip_model, merges, capsy
     assert sorted(b) == sorted(k if k.startswith(("visual.", "logit_")) else "text." + k for k in a)
     assert all(np.array_equal(a[k], b[k if k.startswith(("visual.", "logit_")) else "text." + k]) for k in a)
     assert main(["convert", str(tmp_path / "missing.pt"), str(tmp_path / "x")]) == 2
+    # The converted directory evaluates like a run (its CLIP BPE tokenizer on the built-in data).
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), f"--config.data.data_dir={tmp_path / 'tfds'}",
+                 "--config.data.num_train=32", "--config.data.num_validation=8", "--config.data.num_test=48",
+                 "--config.eval.evaluators=['zero_shot','retrieval']"]) == 0
+    import json
+
+    printed = capsys.readouterr().out  # dataset generation prints before the JSON
+    result = json.loads(printed[printed.index("{\n  \"eval\""):])
+    assert result["eval"]["num_examples"] == 48 and 0.0 <= result["eval"]["zeroshot/color/top1"] <= 1.0
+    assert "retrieval/image_to_text/R@1" in result["eval"]
 
 
 @pytest.mark.parametrize("variant, width, layers, patch, t_width, embed, published", [
