@@ -34,7 +34,7 @@ setup(
         "sentencepiece>=0.2.0",  # SentencePiece tokenizers (training and loading .model files)
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-learn>=1.4"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-learn>=1.4", "nbclient>=0.7", "nbformat>=5.7", "ipykernel>=6.20.1"],
         "tf": ["tensorflow>=2.16"],
         "torch": ["torch>=2.2"],
     },
