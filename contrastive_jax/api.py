@@ -204,31 +204,41 @@ class Model:
         """Cosine similarities ``[N_images, N_texts]`` float32."""
         return self.encode_images(images) @ self.encode_texts(texts).T
 
-    def zero_shot_classifier(self, class_names: Sequence[str], templates: Sequence[str] | str | None = None
-                             ) -> "ZeroShotClassifier":
-        """A classifier over ``class_names`` from prompt templates (CLIP's prompt ensembling: each
-        class is the normalized mean of its normalized prompt embeddings).
+    def zero_shot_classifier(self, class_names: Sequence[str], templates: Sequence[str] | str | None = None, *,
+                             prompts: Sequence[Sequence[str]] | None = None) -> "ZeroShotClassifier":
+        """A classifier over ``class_names`` from prompts (CLIP's prompt ensembling: each class is
+        the normalized mean of its normalized prompt embeddings).
 
         Args:
-          templates: format strings with one ``{}`` (default ``('a photo of a {}.',)``), or a
-            built-in set by name (``'imagenet'``: CLIP's 80) or a templates file path.
+          templates: format strings with one ``{}`` (default ``('a photo of a {}.',)``); one such
+            string; a built-in set by name (``'imagenet'``: CLIP's 80); or a templates file path.
+          prompts: instead of templates, ready-made prompts per class (``prompts[c]`` for class
+            ``c``; classes may have different numbers), e.g. a dataset's own prompt lists.
         """
-        from contrastive_jax.evaluate.zero_shot import load_templates, zero_shot_class_embeddings
+        from contrastive_jax.evaluate.zero_shot import load_templates, prompt_class_embeddings
 
-        if isinstance(templates, str):
-            templates = load_templates(templates)
-        templates = list(templates or _DEFAULT_TEMPLATES)
-        bad = [t for t in templates if t.count("{}") != 1]
-        if bad:
-            raise ValueError(f"each template needs exactly one '{{}}', got {bad[:3]}")
         if self.tokenizer is None:
             self.tokenize([])  # raises the error that says how to give the model a tokenizer
-        rows = _bucket(len(class_names) * len(templates), 256)
+        if prompts is not None:
+            if templates is not None:
+                raise ValueError("give templates or prompts, not both")
+            prompts = [list(p) for p in prompts]
+            if len(prompts) != len(class_names):
+                raise ValueError(f"prompts has {len(prompts)} lists for {len(class_names)} classes")
+        else:
+            if isinstance(templates, str):
+                templates = [templates] if "{}" in templates else load_templates(templates)
+            templates = list(templates or _DEFAULT_TEMPLATES)
+            bad = [t for t in templates if t.count("{}") != 1]
+            if bad:
+                raise ValueError(f"each template needs exactly one '{{}}', got {bad[:3]}")
+            prompts = [[t.format(name) for t in templates] for name in class_names]
+        rows = _bucket(sum(len(p) for p in prompts), 256)
 
         def encode_text(batch):
             return self._encode(self.params, "text", jnp.asarray(batch))
 
-        weights = zero_shot_class_embeddings(encode_text, self.tokenizer, list(class_names), templates, rows)
+        weights = prompt_class_embeddings(encode_text, self.tokenizer, prompts, rows)
         return ZeroShotClassifier(self, list(class_names), templates, weights)
 
 
@@ -236,28 +246,35 @@ class ZeroShotClassifier:
     """``classifier(images) -> float32 [N, C]`` class probabilities (softmax over classes of the
     model's ``logit_scale`` times the cosine similarity).
 
+    Every method takes images (anything :meth:`Model.encode_images` takes) or, to encode once and
+    reuse, ``embeddings=`` from :meth:`Model.encode_images`.
+
     Attributes:
-      class_names: ``C`` names; templates: the prompt templates;
+      class_names: ``C`` names; templates: the prompt templates (None when built from prompts);
       class_embeddings: float32 ``[C, D]``, unit norm (the classifier's weights).
     """
 
-    def __init__(self, model: Model, class_names: list[str], templates: list[str], class_embeddings: np.ndarray):
+    def __init__(self, model: Model, class_names: list[str], templates: list[str] | None,
+                 class_embeddings: np.ndarray):
         self.model, self.class_names, self.templates = model, class_names, templates
         self.class_embeddings = class_embeddings
 
-    def logits(self, images: Any) -> np.ndarray:
+    def logits(self, images: Any = None, *, embeddings: np.ndarray | None = None) -> np.ndarray:
         """``logit_scale * cos(image, class)``: float32 ``[N, C]``."""
-        return self.model.logit_scale * (self.model.encode_images(images) @ self.class_embeddings.T)
+        if (images is None) == (embeddings is None):
+            raise TypeError("pass images or embeddings=")
+        emb = self.model.encode_images(images) if embeddings is None else np.asarray(embeddings, np.float32)
+        return self.model.logit_scale * (emb @ self.class_embeddings.T)
 
-    def __call__(self, images: Any) -> np.ndarray:
-        logits = self.logits(images)
+    def __call__(self, images: Any = None, *, embeddings: np.ndarray | None = None) -> np.ndarray:
+        logits = self.logits(images, embeddings=embeddings)
         logits = logits - logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
 
-    def predict(self, images: Any) -> np.ndarray:
+    def predict(self, images: Any = None, *, embeddings: np.ndarray | None = None) -> np.ndarray:
         """Index of the most similar class per image, int ``[N]``."""
-        return np.argmax(self.logits(images), axis=1)
+        return np.argmax(self.logits(images, embeddings=embeddings), axis=1)
 
-    def predict_names(self, images: Any) -> list[str]:
-        return [self.class_names[i] for i in self.predict(images)]
+    def predict_names(self, images: Any = None, *, embeddings: np.ndarray | None = None) -> list[str]:
+        return [self.class_names[i] for i in self.predict(images, embeddings=embeddings)]

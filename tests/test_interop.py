@@ -132,6 +132,14 @@ def test_zero_shot_classifier_is_prompt_ensembling(tmp_path, clip_model, merges)
     np.testing.assert_array_equal(clf.predict(images), logits.argmax(1))
     assert clf.predict_names(images) == [names[i] for i in logits.argmax(1)]
     assert model.zero_shot_classifier(names).templates == ["a photo of a {}."]
+    # Embeddings encoded once serve every method; ready-made prompts per class; one template string.
+    emb = model.encode_images(images)
+    np.testing.assert_allclose(clf(embeddings=emb), probs, atol=1e-6)
+    np.testing.assert_array_equal(clf.predict(embeddings=emb), logits.argmax(1))
+    by_prompts = model.zero_shot_classifier(names, prompts=[[t.format(n) for t in templates] for n in names])
+    np.testing.assert_allclose(by_prompts.class_embeddings, clf.class_embeddings, atol=1e-6)
+    single = model.zero_shot_classifier(names, "the {} !")
+    np.testing.assert_allclose(single.class_embeddings, model.encode_texts([f"the {n} !" for n in names]), atol=1e-5)
     with pytest.raises(ValueError, match="exactly one"):
         model.zero_shot_classifier(names, ["no placeholder"])
     no_tok = contrastive_jax.load(path, act="quick_gelu", text_heads=2, image_heads=2)
