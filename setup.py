@@ -32,7 +32,7 @@ setup(
         "psutil>=5.9",
         "matplotlib>=3.8",  # the PNG report (evaluate/report.py)
         "sentencepiece>=0.2.0",  # SentencePiece tokenizers (training and loading .model files)
-        "safetensors>=0.4.0",  # reading/writing .safetensors checkpoints without PyTorch (interop)
+        "safetensors>=0.4.1",  # .safetensors checkpoints without PyTorch (interop); bf16 via numpy since 0.4.1
     ],
     extras_require={
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-learn>=1.4", "nbclient>=0.7", "nbformat>=5.7", "ipykernel>=6.20.1"],
