@@ -1,7 +1,14 @@
-"""Runs that are killed, preempted, corrupted, poisoned with NaN, or span two processes."""
+"""Runs that are killed, preempted, corrupted, poisoned with NaN, or span two processes.
+
+Compilation is most of a tiny run's cost, so the in-process runs on 8 devices use the same run
+length (8 steps: the train step's schedule is compiled in) and so share one compiled init, step
+and evaluation through the session's compilation cache (tests/conftest.py).
+"""
+import fcntl
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +25,26 @@ from contrastive_jax.train.loop import NonFiniteLossError, train
 from tests.test_train import QUICKSTART, REPO, _read_metrics, _tiny
 
 TINY = ["--config.log.progress=false", "--config.eval.every_steps=0", "--config.log.tensorboard=false"]
+# The finished run several tests only read (shared_run).
+SHARED_RUN = ["train.total_steps=8", "eval.every_steps=0", "eval.max_examples=64"]
+
+
+@pytest.fixture(scope="session")
+def shared_run():
+    """A finished quickstart-tiny run of SHARED_RUN in this process (8 devices), trained once per
+    session whatever the number of xdist workers (a file lock in the session's shared directory):
+    the init_from source and the distillation teacher. Tests must not write into it."""
+    root = os.environ["CONTRASTIVE_JAX_TEST_SHARED"]
+    workdir = os.path.join(root, "tiny_run")
+    with open(os.path.join(root, "tiny_run.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not os.path.exists(os.path.join(workdir, "summary.json")):  # written when complete
+                shutil.rmtree(workdir, ignore_errors=True)
+                train(_tiny(workdir, *SHARED_RUN), workdir)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return workdir
 
 
 def _final_params(workdir, step=None):
@@ -38,7 +65,10 @@ def _cli(workdir, data_dir, *extra):
 
 
 def _env(devices):
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    # The suite's other XLA flags (tests/conftest.py) too, so a subprocess compiles as this process does.
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
 
 
 def _wait_for_checkpoint(proc, ckpt_dir, at_least, timeout=300):
@@ -139,11 +169,11 @@ def test_injected_nan_stops_with_its_step_number(tmp_path, monkeypatch):
 def test_injected_nan_is_skipped_under_skip_policy(tmp_path, monkeypatch):
     _patch_iterator(monkeypatch, _nan_at(3))
     workdir = str(tmp_path / "run")
-    summary = train(_tiny(workdir, "train.total_steps=5", "train.log_every_steps=1", "eval.every_steps=0",
+    summary = train(_tiny(workdir, "train.total_steps=8", "train.log_every_steps=1", "eval.every_steps=0",
                           "train.nonfinite=skip", "eval.max_examples=64"), workdir)
     assert summary["complete"] and summary["nonfinite_steps"] == 1
     finite = {m["step"]: m["train/finite"] for m in _read_metrics(workdir) if "train/finite" in m}
-    assert finite == {1: 1.0, 2: 1.0, 3: 0.0, 4: 1.0, 5: 1.0}
+    assert finite == {**{s: 1.0 for s in range(1, 9)}, 3: 0.0}
 
 
 def test_sigterm_saves_and_stops_then_resumes(tmp_path, monkeypatch):
@@ -166,7 +196,7 @@ def test_sigterm_saves_and_stops_then_resumes(tmp_path, monkeypatch):
 
 def test_deadline_and_max_steps_per_run_save_and_stop(tmp_path):
     workdir = str(tmp_path / "run")
-    base = ["train.total_steps=50", "eval.every_steps=0", "checkpoint.every_steps=100"]
+    base = ["train.total_steps=8", "eval.every_steps=0", "checkpoint.every_steps=100"]
     result = train(_tiny(workdir, *base, "train.deadline_minutes=1e-6"), workdir)
     assert result["preempted"] == "deadline" and result["stopped_at_step"] == 1
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "1"))
@@ -178,8 +208,11 @@ def test_deadline_and_max_steps_per_run_save_and_stop(tmp_path):
 
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
     workdir = tmp_path / "run"
-    base = ["eval.every_steps=0", "checkpoint.every_steps=3", "checkpoint.keep=3", "eval.max_examples=64"]
-    train(_tiny(str(workdir), "train.total_steps=6", *base), str(workdir))
+    base = ["eval.every_steps=0", "checkpoint.every_steps=3", "checkpoint.keep=3", "eval.max_examples=64",
+            "train.total_steps=8"]
+    # Checkpoints at 3 and 6, then stopped (a job slot of 6 steps).
+    first = train(_tiny(str(workdir), *base, "train.max_steps_per_run=6"), str(workdir))
+    assert first["stopped_at_step"] == 6
     state_dir = workdir / "checkpoints" / "6" / "state"
     # Every array data file cut in half, as by a crash or a full disk during the write (OCDBT
     # may leave unreferenced files, so cutting just one could miss).
@@ -189,8 +222,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
         with open(path, "r+b") as fh:
             fh.truncate(os.path.getsize(path) // 2)
     # A fresh process, as after a crash (this one's tensorstore cache still holds the data).
-    rerun = subprocess.run(_cli(workdir, tmp_path / "tfds", *[f"--config.{o}" for o in base],
-                                "--config.train.total_steps=8"),
+    rerun = subprocess.run(_cli(workdir, tmp_path / "tfds", *[f"--config.{o}" for o in base]),
                            env=_env(2), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "checkpoint at step 6" in rerun.stdout + rerun.stderr
@@ -200,9 +232,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path):
     assert 8 in [int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
 
 
-def test_init_from_takes_only_the_named_subtree(tmp_path):
-    source = str(tmp_path / "source")
-    train(_tiny(source, "train.total_steps=3", "eval.every_steps=0", "eval.max_examples=64"), source)
+def test_init_from_takes_only_the_named_subtree(tmp_path, shared_run):
+    source = shared_run
     src = _final_params(source)
     target = str(tmp_path / "lit")
     train(_tiny(target, "train.total_steps=2", "eval.every_steps=0", "eval.max_examples=64", "seed=7",
@@ -256,13 +287,12 @@ def test_two_processes_match_one_process_with_8_devices(tmp_path):
     assert summary["eval"] == pytest.approx(one["eval"], rel=1e-4, abs=1e-6)
 
 
-def test_distillation_from_a_frozen_teacher_run(tmp_path):
+def test_distillation_from_a_frozen_teacher_run(tmp_path, shared_run):
     """configs/distill.py: the teacher is loaded under 'teacher/', stays bit-identical, and the
     student trains on the distillation loss."""
     from contrastive_jax.train import load_config
 
-    teacher_dir = str(tmp_path / "teacher")
-    train(_tiny(teacher_dir, "train.total_steps=3", "eval.every_steps=0", "eval.max_examples=64"), teacher_dir)
+    teacher_dir = shared_run  # a finished quickstart-tiny run
     student_dir = str(tmp_path / "student")
     config = load_config(os.path.join(REPO, "configs", "distill.py") + ":tiny",
                          ["log.progress=false", "train.total_steps=3", "eval.every_steps=0", "eval.max_examples=64",
