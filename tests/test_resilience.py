@@ -282,8 +282,18 @@ def test_two_processes_match_one_process_with_8_devices(tmp_path):
     single_losses = [m["train/loss"] for m in _read_metrics(single) if "train/loss" in m]
     multi_losses = [m["train/loss"] for m in _read_metrics(str(multi)) if "train/loss" in m]
     np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
-    for x, y in zip(jax.tree.leaves(_final_params(single, 4)), jax.tree.leaves(_final_params(str(multi), 4))):
-        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6)
+    ref_leaves = jax.tree_util.tree_leaves_with_path(_final_params(single, 4))
+    got_leaves = jax.tree.leaves(_final_params(str(multi), 4))
+    lr = 2e-3  # configs/quickstart.py optim.lr
+    for (path, x), y in zip(ref_leaves, got_leaves):
+        name = jax.tree_util.keystr(path)
+        if "['key']['bias']" in name:
+            # An attention key bias adds q.b to every logit of a query row, which softmax cancels:
+            # its exact gradient is 0, so Adam's update there normalizes rounding noise (any
+            # reduction order gives other noise). Adam moves a parameter by at most ~lr per step.
+            assert np.abs(np.asarray(y) - np.asarray(x)).max() <= 2 * 4 * lr, name
+            continue
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5, atol=1e-6, err_msg=name)
     assert summary["eval"] == pytest.approx(one["eval"], rel=1e-4, abs=1e-6)
 
 
