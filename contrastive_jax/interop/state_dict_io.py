@@ -7,6 +7,7 @@ like OpenAI's released CLIP files) and need PyTorch (the ``[torch]`` extra); the
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from typing import Any, Mapping
@@ -42,17 +43,25 @@ def _to_numpy(value: Any) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def _quiet_torchscript():
+    """torch.load hands TorchScript archives (OpenAI's files) to torch.jit.load, saying so, and
+    torch.jit.load announces its deprecation: neither is news to the user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*TorchScript archive.*")
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated.*")
+        yield
+
+
 def _load_torch_file(path: str) -> Any:
     torch = _torch()
     try:
-        with warnings.catch_warnings():
-            # torch.load hands TorchScript archives (OpenAI's files) to torch.jit.load, saying so.
-            warnings.filterwarnings("ignore", message=".*TorchScript archive.*")
-            warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated.*")
+        with _quiet_torchscript():
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as first:  # noqa: BLE001 - fall back to TorchScript, else report both
         try:
-            module = torch.jit.load(path, map_location="cpu")
+            with _quiet_torchscript():
+                module = torch.jit.load(path, map_location="cpu")
         except Exception:  # noqa: BLE001
             raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint with weights_only=True "
                              f"({type(first).__name__}: {str(first)[:300]}) nor as a TorchScript archive") from first
