@@ -136,6 +136,15 @@ def _check_finite_params(state: Any) -> None:
         raise ValueError("restored parameters contain NaN/inf")
 
 
+def step_dirs(directory: str) -> list[int]:
+    """Steps of the complete checkpoints in ``directory`` (step dirs holding a ``state`` item),
+    newest first; [] when there is none or no such directory."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted((int(d) for d in os.listdir(directory)
+                   if d.isdigit() and os.path.isdir(os.path.join(directory, d, "state"))), reverse=True)
+
+
 def find_step_dir(path: str) -> str:
     """The newest complete step directory under ``path`` (a workdir, a checkpoints dir or a step
     dir itself); raises FileNotFoundError naming what was searched."""
@@ -143,10 +152,9 @@ def find_step_dir(path: str) -> str:
     for candidate in (path, os.path.join(path, "checkpoints")):
         if os.path.isdir(os.path.join(candidate, "state")):
             return candidate
-        if os.path.isdir(candidate):
-            steps = [int(d) for d in os.listdir(candidate) if d.isdigit() and os.path.isdir(os.path.join(candidate, d, "state"))]
-            if steps:
-                return os.path.join(candidate, str(max(steps)))
+        steps = step_dirs(candidate)
+        if steps:
+            return os.path.join(candidate, str(steps[0]))
     raise FileNotFoundError(f"no checkpoint found at {path} (looked for a step dir with a 'state' item, "
                             "a checkpoints/ dir or a workdir)")
 

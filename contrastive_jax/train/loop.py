@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -99,8 +99,11 @@ def validate(config: Any, mesh) -> None:
 def model_config_for(config: Any, tokenizer: Any):
     """The model config with data-dependent fields filled in: every ``vocab_size = -1`` (the
     two-tower ``model.text``, any ``model.towers.<name>``, and the same in a distillation
-    ``model.teacher``) becomes the tokenizer's size."""
+    ``model.teacher``) becomes the tokenizer's size. ``tokenizer=None`` (a model directory saved
+    without one): a copy of ``config.model`` as it is."""
     model_config = copy.deepcopy(config.model)
+    if tokenizer is None:
+        return model_config
     teacher = model_config.get("teacher") or {}
     # Text groups default to -1 (from the tokenizer) when the field is absent; towers only when set.
     text_groups = [g for g in (model_config.get("text"), teacher.get("text")) if g is not None]
@@ -156,6 +159,19 @@ def _write_json(path: str, payload: Any) -> None:
     if jax.process_index() == 0:
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(payload, fh, indent=2)
+
+
+def write_inputs_spec(workdir: str, modalities: Sequence[str], sample: Sequence[jax.ShapeDtypeStruct]) -> None:
+    """``WORKDIR/inputs.json``: each modality's per-example shape and dtype (batch dim dropped)."""
+    _write_json(os.path.join(workdir, INPUTS_FILE),
+                {k: [list(s.shape[1:]), str(s.dtype)] for k, s in zip(modalities, sample)})
+
+
+def read_inputs_spec(workdir: str) -> list[jax.ShapeDtypeStruct]:
+    """The model's inputs for a batch of 1, in the order :func:`write_inputs_spec` wrote them."""
+    with open(os.path.join(workdir, INPUTS_FILE), encoding="utf-8") as fh:
+        spec = json.load(fh)
+    return [jax.ShapeDtypeStruct((1, *shape), jnp.dtype(dtype)) for shape, dtype in spec.values()]
 
 
 def _prepare_data(config: Any) -> int:
@@ -228,8 +244,7 @@ def train(config: Any, workdir: str) -> dict:
     rewind = train_iter.get_state()
     sample = _sample_inputs(next(train_iter), modalities)
     train_iter.set_state(rewind)
-    _write_json(os.path.join(workdir, INPUTS_FILE),
-                {k: [list(s.shape[1:]), str(s.dtype)] for k, s in zip(modalities, sample)})
+    write_inputs_spec(workdir, modalities, sample)
     tx, schedule = make_optimizer(config.optim, total_steps, warmup_steps=durations.warmup)
     ema_decay = float(config.optim.ema_decay)
     state, shardings = create_train_state(

@@ -21,8 +21,9 @@ from contrastive_jax import data as data_lib
 from contrastive_jax import models
 from contrastive_jax.parallel.mesh import make_mesh
 from contrastive_jax.parallel.logical import param_shardings
+from contrastive_jax.train.checkpoint import step_dirs
 from contrastive_jax.train.config import default_config, merge
-from contrastive_jax.train.loop import INPUTS_FILE, model_config_for
+from contrastive_jax.train.loop import model_config_for, read_inputs_spec, write_inputs_spec
 
 
 def _to_config_dict(value: Any) -> Any:
@@ -42,15 +43,10 @@ def load_config_json(workdir: str) -> ml_collections.ConfigDict:
 
 
 def load_tokenizer(workdir: str):
-    """The tokenizer the run trained with (``WORKDIR/tokenizer.json``)."""
-    return data_lib.load_tokenizer(os.path.join(workdir, "tokenizer.json"))
-
-
-def _step_dirs(checkpoints: str) -> list[int]:
-    if not os.path.isdir(checkpoints):
-        return []
-    return sorted((int(d) for d in os.listdir(checkpoints)
-                   if d.isdigit() and os.path.isdir(os.path.join(checkpoints, d, "state"))), reverse=True)
+    """The tokenizer the run trained with (``WORKDIR/tokenizer.json``); None for a model directory
+    written without one."""
+    path = os.path.join(workdir, "tokenizer.json")
+    return data_lib.load_tokenizer(path) if os.path.isfile(path) else None
 
 
 def restore_params(workdir: str, abstract_params: Any, shardings: Any, *, step: int | None = None,
@@ -64,7 +60,7 @@ def restore_params(workdir: str, abstract_params: Any, shardings: Any, *, step: 
     Returns ``(step, params)``.
     """
     checkpoints = os.path.join(workdir, "checkpoints")
-    steps = _step_dirs(checkpoints) if step is None else [int(step)]
+    steps = step_dirs(checkpoints) if step is None else [int(step)]
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {checkpoints}")
     key = "ema_params" if ema else "params"
@@ -102,12 +98,9 @@ def load_run(workdir: str, step: int | None = None, *, mesh=None, ema: bool = Fa
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config = load_config_json(workdir)
-    tok_path = os.path.join(workdir, "tokenizer.json")
-    tokenizer = data_lib.load_tokenizer(tok_path) if os.path.isfile(tok_path) else None
-    model = models.build(model_config_for(config, tokenizer) if tokenizer is not None else config.model)
-    with open(os.path.join(workdir, INPUTS_FILE), encoding="utf-8") as fh:
-        spec = json.load(fh)
-    sample = [jax.ShapeDtypeStruct((1, *spec[k][0]), jnp.dtype(spec[k][1])) for k in spec]
+    tokenizer = load_tokenizer(workdir)
+    model = models.build(model_config_for(config, tokenizer))
+    sample = read_inputs_spec(workdir)
     if mesh is None:
         mesh = make_mesh([("data", 1)], jax.local_devices()[:1])
     # Shapes only: nothing is initialized, the checkpoint is read straight into place.
@@ -136,10 +129,9 @@ def write_model_dir(directory: str, config: Any, params: Any, tokenizer: Any = N
         fh.write(config.to_json_best_effort(indent=2))
     if tokenizer is not None:
         tokenizer.save(os.path.join(directory, "tokenizer.json"))
-    model = models.build(model_config_for(config, tokenizer) if tokenizer is not None else config.model)
+    model = models.build(model_config_for(config, tokenizer))
     sample = models.sample_inputs(config.model, config.data, modalities=tuple(model.modalities))
-    with open(os.path.join(directory, INPUTS_FILE), "w", encoding="utf-8") as fh:
-        json.dump({k: [list(s.shape[1:]), str(s.dtype)] for k, s in zip(model.modalities, sample)}, fh)
+    write_inputs_spec(directory, model.modalities, sample)
     # The same item names as the trainer's checkpoints ('state' + 'data'), so every reader of a
     # run's checkpoints reads this too.
     manager = ocp.CheckpointManager(os.path.join(directory, "checkpoints"), item_names=("state", "data"),
