@@ -139,8 +139,10 @@ class Model:
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
             raise TypeError("images: an array [N, H, W, 3] or a list of arrays / PIL images / paths, "
                             f"got {type(images).__name__}")
-        return np.stack([self._normalize(self._fit(img))[0] for img in images]) if len(images) else \
-            np.zeros((0, self.image_size, self.image_size, 3), np.float32)
+        if not len(images):
+            return np.zeros((0, self.image_size, self.image_size, 3), np.float32)
+        # Per image: a list may mix uint8 and float images, which normalize differently.
+        return np.stack([self._normalize(self._fit(img)) for img in images])
 
     def _fit(self, img: Any) -> np.ndarray:
         from PIL import Image
@@ -164,9 +166,9 @@ class Model:
         return np.asarray(resize_center_crop(img, self.image_size))
 
     def _normalize(self, arr: np.ndarray) -> np.ndarray:
-        arr = np.asarray(arr)
+        """uint8 (0..255) or float (0..1) ``[..., 3]`` -> float32 normalized with mean/std."""
         x = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
-        return ((x - self._mean) / self._std)[None] if x.ndim == 3 else (x - self._mean) / self._std
+        return (x - self._mean) / self._std
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> int32 ``[N, L]`` with the model's tokenizer and text rules."""
@@ -179,25 +181,28 @@ class Model:
 
     # -- encoders ----------------------------------------------------------------------------
 
+    def _encoder(self, name: str):
+        """``[B, ...] -> [B, D]`` of modality ``name`` with this model's params (jitted)."""
+        if name not in self.modalities:
+            raise ValueError(f"this model has no {name!r} modality (it has {self.modalities})")
+        return lambda batch: self._encode(self.params, name, jnp.asarray(batch))
+
     def _run(self, name: str, x: np.ndarray, batch_size: int) -> np.ndarray:
+        encode = self._encoder(name)
         if x.shape[0] == 0:
             return np.zeros((0, int(self.config.model.embed_dim)), np.float32)
         from contrastive_jax.evaluate.encode import encode_in_batches
 
-        rows = _bucket(x.shape[0], batch_size)
-        return encode_in_batches(lambda b: self._encode(self.params, name, jnp.asarray(b)), x, rows)
+        return encode_in_batches(encode, x, _bucket(x.shape[0], batch_size))
 
     def encode_images(self, images: Any, *, batch_size: int = 128) -> np.ndarray:
         """Images (see :meth:`preprocess_images`) -> float32 ``[N, D]``, unit L2 norm."""
-        name = "image" if "image" in self.modalities else None
-        if name is None:
-            raise ValueError(f"this model has no 'image' modality (it has {self.modalities})")
-        return self._run(name, self.preprocess_images(images), batch_size)
+        self._encoder("image")  # a model without images fails before any preprocessing
+        return self._run("image", self.preprocess_images(images), batch_size)
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
         """``list[str]`` -> float32 ``[N, D]``, unit L2 norm."""
-        if "text" not in self.modalities:
-            raise ValueError(f"this model has no 'text' modality (it has {self.modalities})")
+        self._encoder("text")  # a model without text fails before tokenizing
         return self._run("text", self.tokenize(texts), batch_size)
 
     def similarity(self, images: Any, texts: Sequence[str]) -> np.ndarray:
@@ -234,11 +239,7 @@ class Model:
                 raise ValueError(f"each template needs exactly one '{{}}', got {bad[:3]}")
             prompts = [[t.format(name) for t in templates] for name in class_names]
         rows = _bucket(sum(len(p) for p in prompts), 256)
-
-        def encode_text(batch):
-            return self._encode(self.params, "text", jnp.asarray(batch))
-
-        weights = prompt_class_embeddings(encode_text, self.tokenizer, prompts, rows)
+        weights = prompt_class_embeddings(self._encoder("text"), self.tokenizer, prompts, rows)
         return ZeroShotClassifier(self, list(class_names), templates, weights)
 
 

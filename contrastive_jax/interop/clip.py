@@ -40,6 +40,9 @@ import os
 import re
 from typing import Any, Callable, Mapping
 
+import flax
+import flax.linen as nn
+import jax
 import ml_collections
 import numpy as np
 
@@ -388,9 +391,9 @@ def unstack_layers(params: Mapping) -> dict:
         out = {k: walk(v) for k, v in tree.items() if k != "blocks"}
         if "blocks" in tree:
             stacked = tree["blocks"]["block"]
-            depth = len(next(iter(_leaves(stacked))))
+            depth = np.shape(jax.tree.leaves(stacked)[0])[0]
             for i in range(depth):
-                out[f"block_{i}"] = _map(lambda a, i=i: np.asarray(a)[i], stacked)
+                out[f"block_{i}"] = jax.tree.map(lambda a, i=i: np.asarray(a)[i], stacked)
         return out
     return walk(params)
 
@@ -404,24 +407,9 @@ def stack_layers(params: Mapping) -> dict:
         out = {k: walk(v) for k, v in tree.items() if not re.fullmatch(r"block_\d+", k)}
         if blocks:
             layers = [tree[k] for _, k in blocks]
-            out["blocks"] = {"block": _map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)}
+            out["blocks"] = {"block": jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)}
         return out
     return walk(params)
-
-
-def _leaves(tree):
-    if isinstance(tree, Mapping):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree
-
-
-def _map(fn, *trees):
-    first = trees[0]
-    if isinstance(first, Mapping):
-        return {k: _map(fn, *(t[k] for t in trees)) for k in first}
-    return fn(*trees)
 
 
 def export_state_dict(params: Mapping, model_config: Mapping, image_size: int, *, layout: str = "openai",
@@ -463,13 +451,4 @@ def export_state_dict(params: Mapping, model_config: Mapping, image_size: int, *
 
 def jax_to_numpy(tree: Any) -> dict:
     """Nested mapping of (jax or numpy) arrays -> nested dict of numpy arrays (flax boxes removed)."""
-    import flax.linen as nn
-    import jax
-
-    return jax.tree.map(np.asarray, nn.meta.unbox(_plain(tree)))
-
-
-def _plain(tree):
-    if isinstance(tree, Mapping):
-        return {k: _plain(v) for k, v in tree.items()}
-    return tree
+    return jax.tree.map(np.asarray, nn.meta.unbox(flax.core.unfreeze(tree)))
