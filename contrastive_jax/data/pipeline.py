@@ -28,7 +28,7 @@ import numpy as np
 from contrastive_jax.data.config import complete
 from contrastive_jax.data.registry import DatasetEntry, build_dataset, resolve_dataset
 from contrastive_jax.data.tokenizer import Tokenizer
-from contrastive_jax.data.transforms import BadImageError, ImageTransform, decode_image
+from contrastive_jax.data.transforms import BadImageError, ImageTransform, decode_image, normalize_images
 
 log = logging.getLogger("contrastive_jax.data")
 
@@ -52,13 +52,6 @@ class BadRecordError(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
-
-
-def normalize_images(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """uint8 ``[..., H, W, 3]`` in 0..255 -> float32 ``(x / 255 - mean) / std`` per channel."""
-    mean = np.asarray(mean, np.float32)
-    std = np.asarray(std, np.float32)
-    return (np.asarray(images, np.float32) / np.float32(255.0) - mean) / std
 
 
 def _ensure_absl_flags_parsed() -> None:

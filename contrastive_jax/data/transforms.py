@@ -15,10 +15,35 @@ import io
 import math
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 CROPS = ("resize", "random_resized_crop")
+
+
+def normalize_images(images: Any, mean: Any, std: Any) -> Any:
+    """The one image normalization: ``[..., 3]`` pixels -> float32 ``(x - mean) / std`` per channel.
+
+    uint8 images (0..255) are scaled to 0..1 first (``x / 255``); float images are taken to be in
+    0..1 already. numpy in, numpy out (the host pipeline); a ``jax.Array`` or tracer in, jax out
+    (inside the jitted train step for ``data.normalize_on_device``, and the encoders of the API),
+    with the same float32 operations in the same order, so host and device agree bit for bit.
+    """
+    xp = jnp if isinstance(images, jax.Array) else np
+    x = xp.asarray(images)
+    scale = x.dtype == xp.uint8
+    x = x.astype(xp.float32)
+    if scale:
+        x = x / xp.float32(255.0)
+    return (x - xp.asarray(mean, xp.float32)) / xp.asarray(std, xp.float32)
+
+
+def denormalize_images(images: Any, mean: Any, std: Any) -> np.ndarray:
+    """Inverse of :func:`normalize_images` for display: float32 ``[..., 3]`` -> uint8 0..255."""
+    x = np.asarray(images, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
 
 
 class BadImageError(ValueError):

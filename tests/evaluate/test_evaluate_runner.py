@@ -12,7 +12,7 @@ from contrastive_jax import evaluate, models
 from contrastive_jax.parallel.mesh import make_mesh
 from contrastive_jax.train import load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
 
 COLORS = ["red", "green", "blue"]

@@ -23,7 +23,7 @@ from ipykernel.kernelspec import write_kernel_spec  # noqa: E402
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import AsyncKernelManager  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOK = REPO / "examples" / "quickstart.ipynb"
 KERNEL_NAME = "contrastive-jax-test-python3"
 RESULT_PREFIX = "QUICKSTART_RESULT "

@@ -290,7 +290,7 @@ def test_released_openai_shapes_convert_to_the_zoo_configs(variant, width, layer
     model, notes = interop.clip.infer_model_config(views, "openai", act="quick_gelu")
     rules = interop.clip._rules(model, "openai", logit_bias=False)
     assert {r.key: r.shape for r in rules} == shapes
-    zoo = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "clip.py") + f":{variant}")
+    zoo = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "clip.py") + f":{variant}")
     config = merge(default_config(), run_config(model), source="test")
     for group in ("image", "text"):
         ours, theirs = config.model[group].to_dict(), zoo.model[group].to_dict()

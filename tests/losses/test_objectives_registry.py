@@ -18,7 +18,7 @@ from contrastive_jax.train import load_config
 from test_losses import close
 from test_losses_streaming import _big_2d_arrays
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 B, D = 8, 4
 
 

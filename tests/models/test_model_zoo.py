@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from contrastive_jax import models, parallel
 from contrastive_jax.train.config import default_config, load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def count(tree):

@@ -22,7 +22,7 @@ import pytest
 
 from contrastive_jax import data as data_lib
 from contrastive_jax.train.loop import NonFiniteLossError, train
-from tests.test_train import QUICKSTART, REPO, _read_metrics, _tiny
+from tests.train.test_train import QUICKSTART, REPO, _read_metrics, _tiny
 
 TINY = ["--config.log.progress=false", "--config.eval.every_steps=0", "--config.log.tensorboard=false"]
 # The finished run several tests only read (shared_run).

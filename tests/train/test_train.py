@@ -12,7 +12,7 @@ from contrastive_jax.parallel import host_batch_to_global, make_mesh, to_host
 from contrastive_jax.train import create_train_state, load_config, make_optimizer, make_train_step
 from contrastive_jax.train.loop import model_config_for, train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
 
 

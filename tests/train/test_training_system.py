@@ -21,7 +21,7 @@ from contrastive_jax.train.gradcache import (
 )
 from contrastive_jax.train.loop import model_config_for
 from contrastive_jax.train.optim import trainable_mask
-from tests.test_train import QUICKSTART, _random_batch, _Vocab
+from tests.train.test_train import QUICKSTART, _random_batch, _Vocab
 
 
 def _config(*overrides):
