@@ -23,7 +23,7 @@ if "--xla_backend_optimization_level" not in _flags:
     # LLVM -O0 for the CPU code: a tiny model's init and train step compile about 3x faster and
     # run a little slower, a clear win at test sizes. Only XLA's code generation changes (no
     # fast-math either way); every comparison in the suite runs both sides under these flags
-    # (subprocesses inherit them: tests/test_resilience.py: _env).
+    # (subprocesses inherit them: tests/train/test_resilience.py: _env).
     _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -41,7 +41,7 @@ if os.environ["CONTRASTIVE_JAX_TEST_XLA_CACHE"] != "off":
     os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["CONTRASTIVE_JAX_TEST_XLA_CACHE"]
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"
 # A scratch directory shared by the session's processes, for runs that several tests only read
-# (see tests/test_resilience.py: shared_run).
+# (see tests/train/test_resilience.py: shared_run).
 if not os.environ.get("CONTRASTIVE_JAX_TEST_SHARED"):
     _shared_dir = tempfile.mkdtemp(prefix="contrastive_jax_test_shared_")
     os.environ["CONTRASTIVE_JAX_TEST_SHARED"] = _shared_dir

@@ -1,4 +1,4 @@
-"""Augmentation ops against hand-derivable results (numpy/PIL references)."""
+"""contrastive_jax.data.transforms: augmentation ops against hand-derivable results (numpy/PIL references)."""
 import numpy as np
 import pytest
 from PIL import Image
@@ -84,3 +84,28 @@ def test_bad_recipe_fields_are_named():
         _aug(crop="zoom")
     with pytest.raises(ValueError, match="augment.flip_prob"):
         _aug(flip_prob=1.5)
+
+
+def test_normalize_images_is_one_formula_on_host_and_device():
+    """The one normalization: uint8 -> (x/255 - mean)/std, float taken as 0..1; numpy and jax
+    (jitted, as in the train step) agree to float32 rounding; denormalize inverts it to the pixel."""
+    import jax
+    import jax.numpy as jnp
+
+    from contrastive_jax.data.transforms import denormalize_images, normalize_images
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(2, 5, 4, 3), dtype=np.uint8)
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    ref = (pixels.astype(np.float64) / 255.0 - np.asarray(mean)) / np.asarray(std)
+    host = normalize_images(pixels, mean, std)
+    assert isinstance(host, np.ndarray) and host.dtype == np.float32
+    np.testing.assert_allclose(host, ref, rtol=1e-6, atol=1e-6)
+    device = jax.jit(lambda x: normalize_images(x, mean, std))(jnp.asarray(pixels))
+    assert isinstance(device, jax.Array) and device.dtype == jnp.float32
+    # XLA may round the fused expression differently from numpy (one ulp of x/255, amplified
+    # by 1/std after the subtraction): far below a pixel step (1/255/std ~ 0.015).
+    np.testing.assert_allclose(np.asarray(device), host, rtol=0, atol=1e-6)
+    # Floats are already in 0..1: no second division by 255.
+    np.testing.assert_allclose(normalize_images(pixels / 255.0, mean, std), ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(denormalize_images(host, mean, std), pixels)
