@@ -2,8 +2,11 @@
 
 Merged into the run schema by :func:`contrastive_jax.train.config.default_config` as
 ``config.eval``; this package owns these fields. ``evaluators`` is a list whose entries are
-validated by :func:`contrastive_jax.evaluate.runner.parse_evaluators` (unknown names or keys are
-errors naming ``config.eval.evaluators[i]``); see ``docs/evaluation.md`` for every option.
+validated by :func:`contrastive_jax.evaluate.runner.parse_evaluators` against the evaluator table
+``contrastive_jax.evaluate.runner.EVALUATORS`` (unknown names or keys are errors naming
+``config.eval.evaluators[i]``); see ``docs/evaluation.md`` for every option.
+
+Deliberately light (only ml_collections): the run schema imports it.
 """
 from __future__ import annotations
 

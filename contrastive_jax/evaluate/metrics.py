@@ -1,18 +1,20 @@
-"""Ranking metrics on embeddings: zero-shot top-k accuracy and 1:1 retrieval recall@k.
+"""Zero-shot top-k accuracy on the host, from the exact rank of each image's true class.
 
 Ties (documented convention, pessimistic): the *rank* of the true item is the number of other
 candidates whose similarity is ``>=`` the true one's. A query is a hit at ``k`` iff ``rank < k``,
 i.e. the true item is strictly above all but fewer than ``k`` other candidates. So a true item
 tied with others counts as ranked after all of them, and the result never depends on the order
-of candidates. Identical captions would be such ties, so retrieval takes optional ``groups``:
-items of one group (e.g. the same caption string) are interchangeable, and a query is a hit when
-any member of its true group is ranked within k among the candidates OUTSIDE that group.
+of candidates. Retrieval uses the same convention, sharded and with several positives per query
+(:mod:`contrastive_jax.evaluate.retrieval`).
 
-Similarities are computed in float32 on the host in blocks of queries, so memory is
-O(block_size · num_candidates), never the full [N, N] matrix.
+Why a host implementation next to the sharded one: zero-shot candidates are the ``C`` class
+embeddings (a handful to a thousand rows), which fit anywhere, and a device program would be
+compiled per class count. Similarities are computed in float32 numpy in blocks of queries, so
+memory is O(block_size · C).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -42,8 +44,10 @@ def true_item_ranks(
       candidates: ``[Nc, D]`` float.
       targets: ``[Nq]`` int, index of each query's true candidate in ``[0, Nc)``.
       block_size: queries per block (memory O(block_size · Nc)).
-      candidate_groups: optional ``[Nc]`` int; candidates sharing the true candidate's group
-        count as correct: the rank is then ``#{j : g_j != g_t, s_j >= max_{i: g_i = g_t} s_i}``.
+      candidate_groups: deprecated; optional ``[Nc]`` int: candidates sharing the true one's
+        group count as correct, the rank being ``#{j : g_j != g_t, s_j >= max_{i: g_i = g_t} s_i}``.
+        Computed by :func:`~contrastive_jax.evaluate.retrieval.streaming_retrieval` (label
+        sets), the one implementation of ranks with several positives; use it directly.
 
     Returns:
       ``[Nq]`` int64: ``#{j != t : s_j >= s_t}`` (0 = strictly best). A NaN true similarity gets
@@ -61,9 +65,7 @@ def true_item_ranks(
         raise ValueError(f"targets must lie in [0, {num_c}), got [{targets.min()}, {targets.max()}]")
     targets = targets.astype(np.int64)
     if candidate_groups is not None:
-        candidate_groups = np.asarray(candidate_groups)
-        if candidate_groups.shape != (num_c,):
-            raise ValueError(f"candidate_groups must be [{num_c}], got shape {candidate_groups.shape}")
+        return _grouped_ranks(queries, candidates, targets, candidate_groups, block_size)
     ranks = np.empty(queries.shape[0], dtype=np.int64)
     for start in range(0, queries.shape[0], block_size):
         stop = min(start + block_size, queries.shape[0])
@@ -71,14 +73,29 @@ def true_item_ranks(
         # The true similarity is read from the same matrix, so the true item compares equal to
         # itself exactly once (hence the -1) whatever rounding the matmul did.
         true = sims[np.arange(stop - start), targets[start:stop]]
-        if candidate_groups is None:
-            r = np.sum(sims >= true[:, None], axis=1) - 1
-        else:
-            same = candidate_groups[None, :] == candidate_groups[targets[start:stop]][:, None]
-            best = np.max(np.where(same, sims, -np.inf), axis=1)
-            r = np.sum((sims >= best[:, None]) & ~same, axis=1)
+        r = np.sum(sims >= true[:, None], axis=1) - 1
         ranks[start:stop] = np.where(np.isnan(true), num_c, r)
     return ranks
+
+
+def _grouped_ranks(queries, candidates, targets, candidate_groups, block_size) -> np.ndarray:
+    """The deprecated ``candidate_groups`` path of :func:`true_item_ranks`: the group id is a
+    one-label set on both sides of :func:`streaming_retrieval` (one device)."""
+    warnings.warn(
+        "true_item_ranks(candidate_groups=) is deprecated: ranks with several positives come from "
+        "contrastive_jax.evaluate.retrieval.streaming_retrieval (or retrieval_eval(text_strings=) for "
+        "identical captions)", DeprecationWarning, stacklevel=3)
+    from contrastive_jax.evaluate.retrieval import shard_gallery, streaming_retrieval
+
+    candidate_groups = np.asarray(candidate_groups)
+    if candidate_groups.shape != (candidates.shape[0],):
+        raise ValueError(f"candidate_groups must be [{candidates.shape[0]}], got shape {candidate_groups.shape}")
+    # Dense ids >= 0: negative labels are padding in label sets.
+    _, group = np.unique(candidate_groups, return_inverse=True)
+    group = group.reshape(-1)
+    gallery = shard_gallery(candidates, group)
+    return streaming_retrieval(queries, gallery, query_labels=group[targets], k=1,
+                               query_block=block_size)["ranks"]
 
 
 def zero_shot_accuracy(
@@ -99,7 +116,8 @@ def zero_shot_accuracy(
 
     Returns:
       ``{'top{k}': float for k in ks if k <= C, 'per_class_top1': [C] float64 (NaN for classes
-      without examples), 'mean_per_class_top1': float (mean over classes with examples)}``.
+      without examples), 'mean_per_class_top1': float (mean over classes with examples)}``, all
+      fractions in [0, 1].
     """
     class_emb = _as_2d_float32(class_emb, "class_emb")
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
@@ -116,53 +134,4 @@ def zero_shot_accuracy(
         per_class = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
     out["per_class_top1"] = per_class
     out["mean_per_class_top1"] = float(np.nanmean(per_class)) if np.any(counts > 0) else float("nan")
-    return out
-
-
-def retrieval_metrics(
-    image_emb: np.ndarray,
-    text_emb: np.ndarray,
-    ks: Sequence[int] = (1, 5),
-    *,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    groups: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Image↔text recall@k with 1:1 pairing (item i's caption is text i), pessimistic ties.
-
-    Args:
-      image_emb: ``[N, D]`` float; text_emb: ``[N, D]`` float.
-      groups: optional ``[N]`` int; items with equal group are interchangeable (e.g. their
-        captions are the same string, so no model can tell their texts apart): retrieving any
-        member of the true item's group is a hit.
-      ks: the k's to report; those with ``k > N`` are skipped (trivially 1.0).
-
-    Returns:
-      ``{'image_to_text/R@k': float, 'text_to_image/R@k': float}`` for each reported k.
-    """
-    image_emb = _as_2d_float32(image_emb, "image_emb")
-    text_emb = _as_2d_float32(text_emb, "text_emb")
-    if image_emb.shape[0] != text_emb.shape[0]:
-        raise ValueError(f"1:1 retrieval needs as many texts as images: {image_emb.shape} vs {text_emb.shape}")
-    n = image_emb.shape[0]
-    ids = np.arange(n)
-    ranks = {
-        "image_to_text": true_item_ranks(image_emb, text_emb, ids, block_size=block_size),
-        "text_to_image": true_item_ranks(text_emb, image_emb, ids, block_size=block_size),
-    }
-    if groups is not None:
-        groups = np.asarray(groups)
-        if groups.shape != (n,):
-            raise ValueError(f"groups must be [{n}], got shape {groups.shape}")
-        # A caption list shows each distinct caption once: rank images against one representative
-        # text per group; a text query is right if it finds any image of its group.
-        _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
-        ranks["image_to_text"] = true_item_ranks(image_emb, text_emb[first], inverse, block_size=block_size)
-        ranks["text_to_image"] = true_item_ranks(
-            text_emb, image_emb, ids, block_size=block_size, candidate_groups=inverse
-        )
-    out = {}
-    for direction, r in ranks.items():
-        for k in ks:
-            if k <= n:
-                out[f"{direction}/R@{k}"] = float(np.mean(r < k))
     return out

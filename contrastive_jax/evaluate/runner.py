@@ -5,7 +5,9 @@ The training loop builds one :class:`EvalRunner` and calls ``runner(params, step
 everything evaluation needs (jitted encoders, the eval sets, prompts), so the loop does not know
 which evaluators exist.
 
-Evaluators (``config.eval.evaluators``, see ``docs/evaluation.md``):
+Evaluators (``config.eval.evaluators``, see ``docs/evaluation.md``) are the rows of
+:data:`EVALUATORS`, which alone decides which names and options are valid, what runs, and the
+result-key family each one writes:
 
 - ``zero_shot``: per labelled attribute, class embeddings averaged over prompt templates
   (CLIP ensembling), top-k, per-class and mean-per-class accuracy; multi-label mAP.
@@ -24,12 +26,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from typing import Any, Callable, Mapping, Sequence
+import warnings
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from contrastive_jax.data.transforms import denormalize_images
 from contrastive_jax.evaluate import diagnostics as diag
 from contrastive_jax.evaluate import probes
 from contrastive_jax.evaluate.encode import encode_in_batches
@@ -48,23 +52,6 @@ from contrastive_jax.parallel.mesh import batch_sharding, replicated_batch_to_gl
 
 log = logging.getLogger("contrastive_jax")
 
-# Keys every evaluator accepts.
-COMMON_KEYS = {"name": None, "dataset": None, "split": None, "every_steps": -1, "max_examples": None, "tag": None}
-_TRAIN_FEATURES = {"train_split": None, "train_examples": 2000, "label_keys": None}
-# name -> its own options with their defaults.
-EVALUATORS: dict[str, dict[str, Any]] = {
-    "zero_shot": {"ks": None, "class_names": None, "templates": None, "label_key": None, "multi_label": False},
-    "retrieval": {"ks": None, "gallery_block": 4096, "query_block": 256},
-    "diagnostics": {"max_items": 8192},
-    "linear_probe": {**_TRAIN_FEATURES, "ridge_alphas": probes.DEFAULT_RIDGE_ALPHAS,
-                     "logistic_l2": (1e-6, 1e-5, 1e-4, 1e-3), "logistic_steps": 300},
-    "knn": {**_TRAIN_FEATURES, "k": 20, "temperature": 0.07},
-    "few_shot": {**_TRAIN_FEATURES, "shots": (1, 5, 10), "seeds": 3},
-}
-# Result-key prefix of each evaluator (``zeroshot`` and ``retrieval`` are the historical names).
-_PREFIX = {"zero_shot": "zeroshot", "retrieval": "retrieval", "diagnostics": "diag",
-           "linear_probe": "probe", "knn": "knn", "few_shot": "fewshot"}
-
 
 @dataclasses.dataclass(frozen=True)
 class EvaluatorSpec:
@@ -77,6 +64,208 @@ class EvaluatorSpec:
     max_examples: int
     tag: str  # result-key prefix ('' for the run's own dataset and eval split)
     options: Mapping[str, Any]
+
+
+@dataclasses.dataclass
+class _Run:
+    """One evaluator applied to one eval set, within one call of :class:`Evaluation`.
+
+    ``feats`` is the encoded eval set: ``data`` (the arrays ``load_arrays`` returned), ``image``
+    float32 ``[N, D]`` L2-normalized and ``raw_image`` before normalization, and, when the set
+    has text and the model a text side, ``text`` / ``raw_text`` likewise (row i pairs with
+    image i).
+    """
+
+    ev: "Evaluation"
+    spec: EvaluatorSpec
+    feats: dict
+    prefix: str  # the evaluator's result-key family, from its EVALUATORS row
+    results: dict
+    details: dict
+    cache: dict  # encoded eval sets of this call, shared by every evaluator
+
+    def put(self, key: str, value, mrl: str = "") -> None:
+        """Records ``{tag}{mrl}{prefix}/{key}`` as a float (``mrl``: ``''`` or ``'mrl{d}/'``)."""
+        self.results[f"{self.spec.tag}{mrl}{self.prefix}/{key}"] = float(value)
+
+    def features(self, split: str, max_examples: int) -> dict:
+        """Another split of this evaluator's dataset, encoded like ``feats`` (once per call)."""
+        return self.ev._features(self.cache, self.spec.dataset, split, max_examples)
+
+
+# -- the evaluators ------------------------------------------------------------------------------
+# Each takes a _Run and writes its floats through run.put (and report arrays into run.details).
+
+
+def _zero_shot_class_embeddings(run: _Run, info: dict, attr: str, names: Sequence[str], prompts) -> np.ndarray:
+    """``[C, D]`` float32 unit-norm class embeddings of ``attr``. Precedence: the entry's own
+    ``templates``, then the dataset's ready-made ``prompts``, then its templates (``'{}'``)."""
+    ev, t = run.ev, run.spec.options["templates"]
+    if t is not None:
+        templates = load_templates(t) if isinstance(t, str) else list(t)
+        return zero_shot_class_embeddings(ev.encode_text, ev.tokenizer, list(names), templates, ev.batch_size)
+    if prompts:
+        return prompt_class_embeddings(ev.encode_text, ev.tokenizer, prompts, ev.batch_size)
+    templates = list(info["templates"].get(attr, ["{}"]))
+    return zero_shot_class_embeddings(ev.encode_text, ev.tokenizer, list(names), templates, ev.batch_size)
+
+
+def _zero_shot(run: _Run) -> None:
+    """``{attr}/top{k}`` and ``{attr}/mean_per_class_top1`` (fractions in [0, 1]; multi-label
+    ``[N, C]`` labels: ``{attr}/mAP`` and ``{attr}/precision@1``) per labelled attribute, at the
+    full size and each Matryoshka prefix; per-class values go to ``details['per_class']``."""
+    ev, spec, opts, data = run.ev, run.spec, run.spec.options, run.feats["data"]
+    info = ev.dataset_info(spec.dataset)
+    ks = tuple(opts["ks"] or ev.zero_shot_ks)
+    if opts["class_names"] is not None:
+        names = opts["class_names"]
+        names = read_lines(names, what="class names") if isinstance(names, str) else list(names)
+        tasks = {opts["label_key"]: (names, None)}
+    else:
+        tasks = {k: (v, info["prompts"].get(k)) for k, v in info["class_names"].items()}
+        if opts["label_key"] is not None:
+            tasks = {opts["label_key"]: tasks[opts["label_key"]]}
+    for attr, (names, prompts) in tasks.items():
+        if attr not in data:
+            raise KeyError(f"eval set {spec.dataset}:{spec.split} has no label array {attr!r} for zero-shot")
+        class_emb = _zero_shot_class_embeddings(run, info, attr, names, prompts)
+        labels = np.asarray(data[attr])
+        for mrl, dim in ev._prefixes(class_emb.shape[1]):
+            img, cls = ev._cut(run.feats["image"], dim), ev._cut(class_emb, dim)
+            if opts["multi_label"] or labels.ndim == 2:
+                acc = zero_shot_multilabel(img, cls, labels)
+                per_class, per_class_key = acc.pop("per_class_ap"), "AP"
+            else:
+                acc = zero_shot_accuracy(img, cls, labels, ks=ks)
+                per_class, per_class_key = acc.pop("per_class_top1"), "top-1 accuracy"
+            for k, v in acc.items():
+                run.put(f"{attr}/{k}", v, mrl)
+            if not mrl:
+                run.details.setdefault("per_class", {})[f"{spec.tag}{attr}"] = {
+                    "names": [str(n) for n in names], "values": np.asarray(per_class, np.float64).tolist(),
+                    "metric": per_class_key}
+
+
+def _retrieval(run: _Run) -> None:
+    """``image_to_text/R@{k}``, ``image_to_text/median_rank`` (1 = first) and the same for
+    ``text_to_image``, at the full size and each Matryoshka prefix; the run's own eval set also
+    leaves its top-5 lists in ``details['retrieval']`` for the report's pictures."""
+    ev, spec, feats = run.ev, run.spec, run.feats
+    if "text" not in feats:
+        raise KeyError(f"eval set {spec.dataset}:{spec.split} has no text: retrieval needs captions")
+    data = feats["data"]
+    strings = list(data["caption"]) if "caption" in data else None
+    ks = tuple(spec.options["ks"] or ev.recall_ks)
+    for mrl, dim in ev._prefixes(feats["image"].shape[1]):
+        out = retrieval_eval(
+            ev._cut(feats["image"], dim), ev._cut(feats["text"], dim), text_strings=strings, ks=ks,
+            mesh=ev.mesh, axes=ev.axes, gallery_block=int(spec.options["gallery_block"]),
+            query_block=int(spec.options["query_block"]), return_topk=0 if mrl else 5)
+        if not mrl and not spec.tag:
+            run.details["retrieval"] = {"image_to_text": out.pop("image_to_text/topk"),
+                                        "text_to_image": out.pop("text_to_image/topk")}
+        for k, v in out.items():
+            if np.ndim(v) == 0:  # the top-k arrays of other eval sets are not metrics
+                run.put(k, v, mrl)
+
+
+def _diagnostics(run: _Run) -> None:
+    """RankMe, uniformity and norm statistics per side, alignment and the modality gap (see
+    :func:`~contrastive_jax.evaluate.diagnostics.representation_diagnostics`)."""
+    feats = run.feats
+    out = diag.representation_diagnostics(feats["image"], feats.get("text"), raw_image=feats["raw_image"],
+                                          raw_text=feats.get("raw_text"), max_items=int(run.spec.options["max_items"]))
+    for k, v in out.items():
+        run.put(k, v)
+
+
+def _probe_sets(run: _Run):
+    """Yields ``(attr, (train_x [Nt, D], train_y [Nt], test_x [N, D], test_y [N]), num_classes)``
+    for each label a probe scores: L2-normalized image features of ``train_examples`` items of
+    ``train_split`` and of the eval set, with their int labels; ``num_classes`` None when the
+    dataset does not name the classes (then inferred from the labels)."""
+    spec, opts, feats = run.spec, run.spec.options, run.feats
+    info = run.ev.dataset_info(spec.dataset)
+    train_split = opts["train_split"]
+    train = run.features(train_split, int(opts["train_examples"]))
+    keys = opts["label_keys"] or [k for k in info["label_keys"] if k in feats["data"]]
+    for attr in keys:
+        for where, data in (("eval", feats["data"]), (train_split, train["data"])):
+            if attr not in data:
+                raise KeyError(f"{spec.dataset}:{where} has no label array {attr!r} for {spec.name}")
+        c = len(info["class_names"].get(attr, [])) or None
+        yield attr, (train["image"], train["data"][attr], feats["image"], feats["data"][attr]), c
+
+
+def _linear_probe(run: _Run) -> None:
+    """``{attr}/ridge/top1`` with the chosen ``ridge/alpha``, ``{attr}/logistic/top1`` with the
+    chosen ``logistic/l2`` (accuracies in [0, 1])."""
+    opts = run.spec.options
+    for attr, sets, c in _probe_sets(run):
+        ridge = probes.ridge_probe(*sets, alphas=opts["ridge_alphas"], num_classes=c)
+        logistic = probes.logistic_probe(*sets, l2_values=opts["logistic_l2"], steps=int(opts["logistic_steps"]),
+                                         num_classes=c)
+        run.put(f"{attr}/ridge/top1", ridge["top1"])
+        run.put(f"{attr}/ridge/alpha", ridge["alpha"])
+        run.put(f"{attr}/logistic/top1", logistic["top1"])
+        run.put(f"{attr}/logistic/l2", logistic["l2"])
+
+
+def _knn(run: _Run) -> None:
+    """``{attr}/top1``: cosine k-NN accuracy in [0, 1], neighbours searched on the mesh."""
+    opts, ev = run.spec.options, run.ev
+    temp = opts["temperature"]
+    for attr, sets, c in _probe_sets(run):
+        out = probes.knn_probe(*sets, k=int(opts["k"]), temperature=None if temp is None else float(temp),
+                               num_classes=c, mesh=ev.mesh, axes=ev.axes)
+        run.put(f"{attr}/top1", out["top1"])
+
+
+def _few_shot(run: _Run) -> None:
+    """``{attr}/{k}shot/top1`` and ``{attr}/{k}shot/top1_std`` over the seeds, for each k."""
+    opts = run.spec.options
+    for attr, sets, c in _probe_sets(run):
+        out = probes.few_shot_probe(*sets, shots=tuple(opts["shots"]), seeds=int(opts["seeds"]), num_classes=c)
+        for k, v in out.items():
+            run.put(f"{attr}/{k}", v)
+
+
+def _check_zero_shot(options: Mapping[str, Any]) -> str | None:
+    if options["class_names"] is not None and options["label_key"] is None:
+        return "class_names needs label_key (the label array they index)"
+    return None
+
+
+class Evaluator(NamedTuple):
+    """One row of :data:`EVALUATORS`."""
+
+    defaults: Mapping[str, Any]  # the evaluator's own options (beyond COMMON_KEYS) and defaults
+    run: Callable[[_Run], None]
+    prefix: str  # result-key family: '{tag}[mrl{d}/]{prefix}/...'
+    needs_text: bool = False  # dropped for image-only models
+    check: Callable[[Mapping[str, Any]], str | None] | None = None  # a problem with the options, or None
+
+
+# Keys every evaluator accepts.
+COMMON_KEYS = {"name": None, "dataset": None, "split": None, "every_steps": -1, "max_examples": None, "tag": None}
+_TRAIN_FEATURES = {"train_split": None, "train_examples": 2000, "label_keys": None}
+# name -> (defaults, function, result prefix, ...). The only list of evaluators: validation
+# (parse_evaluators), dispatch (Evaluation) and result names all read it. 'zeroshot' and
+# 'retrieval' are historical key names.
+EVALUATORS: dict[str, Evaluator] = {
+    "zero_shot": Evaluator(
+        {"ks": None, "class_names": None, "templates": None, "label_key": None, "multi_label": False},
+        _zero_shot, "zeroshot", needs_text=True, check=_check_zero_shot),
+    "retrieval": Evaluator({"ks": None, "gallery_block": 4096, "query_block": 256}, _retrieval, "retrieval",
+                           needs_text=True),
+    "diagnostics": Evaluator({"max_items": 8192}, _diagnostics, "diag"),
+    "linear_probe": Evaluator(
+        {**_TRAIN_FEATURES, "ridge_alphas": probes.DEFAULT_RIDGE_ALPHAS, "logistic_l2": (1e-6, 1e-5, 1e-4, 1e-3),
+         "logistic_steps": 300},
+        _linear_probe, "probe"),
+    "knn": Evaluator({**_TRAIN_FEATURES, "k": 20, "temperature": 0.07}, _knn, "knn"),
+    "few_shot": Evaluator({**_TRAIN_FEATURES, "shots": (1, 5, 10), "seeds": 3}, _few_shot, "fewshot"),
+}
 
 
 def parse_evaluators(eval_config: Any, data_config: Any) -> list[EvaluatorSpec]:
@@ -97,7 +286,8 @@ def parse_evaluators(eval_config: Any, data_config: Any) -> list[EvaluatorSpec]:
         name = entry.get("name")
         if name not in EVALUATORS:
             raise ValueError(f"{where}.name={name!r} is not an evaluator; known: {', '.join(EVALUATORS)}")
-        allowed = {**COMMON_KEYS, **EVALUATORS[name]}
+        row = EVALUATORS[name]
+        allowed = {**COMMON_KEYS, **row.defaults}
         unknown = sorted(set(entry) - set(allowed))
         if unknown:
             raise ValueError(f"unknown key(s) {unknown} in {where} ({name}); known: {', '.join(sorted(allowed))}")
@@ -109,17 +299,14 @@ def parse_evaluators(eval_config: Any, data_config: Any) -> list[EvaluatorSpec]:
         tag = merged["tag"] if merged["tag"] is not None else ("" if own else f"{dataset}:{split}/")
         if tag and not tag.endswith("/"):
             tag += "/"
-        options = {k: merged[k] for k in EVALUATORS[name]}
+        options = {k: merged[k] for k in row.defaults}
         if "train_split" in options and options["train_split"] is None:
             options["train_split"] = data_config.train_split
-        if name == "zero_shot" and options["class_names"] is not None and options["label_key"] is None:
-            raise ValueError(f"{where}: class_names needs label_key (the label array they index)")
+        problem = row.check(options) if row.check is not None else None
+        if problem:
+            raise ValueError(f"{where}: {problem}")
         specs.append(EvaluatorSpec(name, dataset, split, int(merged["every_steps"]), max_examples, tag, options))
     return specs
-
-
-# Evaluators that need a text encoder.
-TEXT_EVALUATORS = ("zero_shot", "retrieval")
 
 
 def _encode_method(model, side: str):
@@ -163,14 +350,9 @@ def make_encoders(model, mesh: Mesh, batch_axes: Sequence[str], param_shardings:
     return make("image"), make("text")
 
 
-def _denormalize(images: np.ndarray, mean, std) -> np.ndarray:
-    """Normalized float images -> uint8 for pictures."""
-    x = np.asarray(images, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
-    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
-
-
 class Evaluation:
-    """Runs evaluator specs given host-level encoders and eval arrays; no model, no mesh.
+    """Runs evaluator specs given host-level encoders and eval arrays; no model, no mesh, and no
+    image normalization (the report's pictures are left as ``load_arrays`` gave them).
 
     Args:
       encode_image / encode_text: ``[batch_size, ...] -> [batch_size, D]`` numpy-readable;
@@ -181,13 +363,22 @@ class Evaluation:
         ``label_keys``), as :func:`contrastive_jax.data.dataset_info` returns.
       tokenizer: ``encode(list[str]) -> int32 [M, L]``.
       mesh, batch_axes: where retrieval / k-NN shard their galleries (None: one device).
+      image_mean, image_std: deprecated. Given, the pictures in ``details`` are turned into
+        uint8 with them as before; instead, convert them with
+        :func:`contrastive_jax.data.transforms.denormalize_images` (:class:`EvalRunner` does, with
+        ``config.data.mean/std``).
+
+    After a call, ``details`` holds the arrays the report draws: ``per_class`` (per-class
+    zero-shot values), ``heatmap`` (``[m, m]`` cosine similarities of the first m <= 16 pairs
+    and their captions) and ``retrieval`` (query ids, top-5 lists, captions, and ``images``:
+    ``{row: image [H, W, 3]}`` as in the eval arrays).
     """
 
     def __init__(self, specs: Sequence[EvaluatorSpec], *, encode_image: Callable, encode_text: Callable | None,
                  load_arrays: Callable, dataset_info: Callable, tokenizer, batch_size: int,
                  recall_ks: Sequence[int] = (1, 5, 10), zero_shot_ks: Sequence[int] = (1, 5),
                  matryoshka_dims: Sequence[int] = (), mesh: Mesh | None = None,
-                 batch_axes: Sequence[str] | None = None, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)):
+                 batch_axes: Sequence[str] | None = None, image_mean=None, image_std=None):
         self.specs = list(specs)
         self.encode_image, self.encode_text = encode_image, encode_text
         self.load_arrays, self.dataset_info = load_arrays, dataset_info
@@ -196,7 +387,14 @@ class Evaluation:
         self.recall_ks, self.zero_shot_ks = tuple(recall_ks), tuple(zero_shot_ks)
         self.matryoshka_dims = tuple(int(d) for d in matryoshka_dims)
         self.mesh, self.axes = mesh, (tuple(batch_axes) if batch_axes else None)
-        self.image_mean, self.image_std = image_mean, image_std
+        self._pixels = None  # (mean, std) of the deprecated arguments
+        if image_mean is not None or image_std is not None:
+            warnings.warn(
+                "Evaluation(image_mean=, image_std=) is deprecated: details keep the eval arrays' images; "
+                "convert them with contrastive_jax.data.transforms.denormalize_images (EvalRunner does)",
+                DeprecationWarning, stacklevel=2)
+            default = (0.5, 0.5, 0.5)  # the arguments' former defaults
+            self._pixels = (default if image_mean is None else image_mean, default if image_std is None else image_std)
         self.details: dict = {}
 
     # -- encoding (cached within one call) ------------------------------------------------------
@@ -215,6 +413,7 @@ class Evaluation:
         return cache[key]
 
     def _prefixes(self, emb_dim: int) -> list[tuple[str, int | None]]:
+        """``[('', None), ('mrl{d}/', d), ...]``: the full size, then each Matryoshka size below it."""
         out = [("", None)]
         for d in self.matryoshka_dims:
             if d < emb_dim:
@@ -224,105 +423,6 @@ class Evaluation:
     @staticmethod
     def _cut(emb: np.ndarray, dim: int | None) -> np.ndarray:
         return emb if dim is None else diag.matryoshka_prefix(emb, dim)
-
-    # -- the evaluators -------------------------------------------------------------------------
-
-    def _zero_shot(self, spec, feats, results, details):
-        info = self.dataset_info(spec.dataset)
-        opts = spec.options
-        data = feats["data"]
-        ks = tuple(opts["ks"] or self.zero_shot_ks)
-        if opts["class_names"] is not None:
-            names = opts["class_names"]
-            names = read_lines(names, what="class names") if isinstance(names, str) else list(names)
-            tasks = {opts["label_key"]: (names, None)}
-        else:
-            tasks = {k: (v, info["prompts"].get(k)) for k, v in info["class_names"].items()}
-            if opts["label_key"] is not None:
-                tasks = {opts["label_key"]: tasks[opts["label_key"]]}
-        for attr, (names, prompts) in tasks.items():
-            if attr not in data:
-                raise KeyError(f"eval set {spec.dataset}:{spec.split} has no label array {attr!r} for zero-shot")
-            if opts["templates"] is not None:
-                t = opts["templates"]
-                templates = load_templates(t) if isinstance(t, str) else list(t)
-                class_emb = zero_shot_class_embeddings(self.encode_text, self.tokenizer, list(names), templates,
-                                                       self.batch_size)
-            elif prompts:
-                class_emb = prompt_class_embeddings(self.encode_text, self.tokenizer, prompts, self.batch_size)
-            else:
-                templates = list(info["templates"].get(attr, ["{}"]))
-                class_emb = zero_shot_class_embeddings(self.encode_text, self.tokenizer, list(names), templates,
-                                                       self.batch_size)
-            labels = np.asarray(data[attr])
-            for pre, dim in self._prefixes(class_emb.shape[1]):
-                img, cls = self._cut(feats["image"], dim), self._cut(class_emb, dim)
-                key = f"{spec.tag}{pre}zeroshot/{attr}"
-                if opts["multi_label"] or labels.ndim == 2:
-                    acc = zero_shot_multilabel(img, cls, labels)
-                    per_class, per_class_key = acc.pop("per_class_ap"), "AP"
-                else:
-                    acc = zero_shot_accuracy(img, cls, labels, ks=ks)
-                    per_class, per_class_key = acc.pop("per_class_top1"), "top-1 accuracy"
-                for k, v in acc.items():
-                    results[f"{key}/{k}"] = float(v)
-                if not pre:
-                    details.setdefault("per_class", {})[f"{spec.tag}{attr}"] = {
-                        "names": [str(n) for n in names], "values": np.asarray(per_class, np.float64).tolist(),
-                        "metric": per_class_key}
-
-    def _retrieval(self, spec, feats, results, details):
-        if "text" not in feats:
-            raise KeyError(f"eval set {spec.dataset}:{spec.split} has no text: retrieval needs captions")
-        data = feats["data"]
-        strings = list(data["caption"]) if "caption" in data else None
-        ks = tuple(spec.options["ks"] or self.recall_ks)
-        for pre, dim in self._prefixes(feats["image"].shape[1]):
-            out = retrieval_eval(
-                self._cut(feats["image"], dim), self._cut(feats["text"], dim), text_strings=strings, ks=ks,
-                mesh=self.mesh, axes=self.axes, gallery_block=int(spec.options["gallery_block"]),
-                query_block=int(spec.options["query_block"]), return_topk=0 if pre else 5)
-            if not pre and not spec.tag:
-                details["retrieval"] = {"image_to_text": out.pop("image_to_text/topk"),
-                                        "text_to_image": out.pop("text_to_image/topk")}
-            for k, v in out.items():
-                if np.ndim(v) == 0:
-                    results[f"{spec.tag}{pre}retrieval/{k}"] = float(v)
-
-    def _diagnostics(self, spec, feats, results, details):
-        out = diag.representation_diagnostics(feats["image"], feats.get("text"), raw_image=feats["raw_image"],
-                                              raw_text=feats.get("raw_text"), max_items=int(spec.options["max_items"]))
-        for k, v in out.items():
-            results[f"{spec.tag}diag/{k}"] = v
-
-    def _probe(self, spec, feats, results, details, cache):
-        opts = spec.options
-        info = self.dataset_info(spec.dataset)
-        train_split = opts["train_split"]
-        train = self._features(cache, spec.dataset, train_split, int(opts["train_examples"]))
-        keys = opts["label_keys"] or [k for k in info["label_keys"] if k in feats["data"]]
-        for attr in keys:
-            for where, data in (("eval", feats["data"]), (train_split, train["data"])):
-                if attr not in data:
-                    raise KeyError(f"{spec.dataset}:{where} has no label array {attr!r} for {spec.name}")
-            c = len(info["class_names"].get(attr, [])) or None
-            args = (train["image"], train["data"][attr], feats["image"], feats["data"][attr])
-            key = f"{spec.tag}{_PREFIX[spec.name]}/{attr}"
-            if spec.name == "linear_probe":
-                ridge = probes.ridge_probe(*args, alphas=opts["ridge_alphas"], num_classes=c)
-                logistic = probes.logistic_probe(*args, l2_values=opts["logistic_l2"],
-                                                 steps=int(opts["logistic_steps"]), num_classes=c)
-                results[f"{key}/ridge/top1"], results[f"{key}/ridge/alpha"] = ridge["top1"], ridge["alpha"]
-                results[f"{key}/logistic/top1"], results[f"{key}/logistic/l2"] = logistic["top1"], logistic["l2"]
-            elif spec.name == "knn":
-                temp = opts["temperature"]
-                out = probes.knn_probe(*args, k=int(opts["k"]), temperature=None if temp is None else float(temp),
-                                       num_classes=c, mesh=self.mesh, axes=self.axes)
-                results[f"{key}/top1"] = out["top1"]
-            else:
-                out = probes.few_shot_probe(*args, shots=tuple(opts["shots"]), seeds=int(opts["seeds"]), num_classes=c)
-                for k, v in out.items():
-                    results[f"{key}/{k}"] = v
 
     def _pictures(self, feats, details, n_heat: int = 16, n_queries: int = 4):
         """Small arrays for the report: a similarity heatmap and retrieval examples."""
@@ -339,14 +439,19 @@ class Evaluation:
         i2t, t2i = details["retrieval"]["image_to_text"][q], details["retrieval"]["text_to_image"][q]
         needed = np.unique(np.concatenate([q, t2i.ravel()]))
         captions = list(data.get("caption", [str(i) for i in range(n)]))
+        images = {int(i): data["image"][i] for i in needed}
+        if self._pixels is not None:
+            images = {i: denormalize_images(img, *self._pixels) for i, img in images.items()}
         details["retrieval"] = {
             "image_queries": q.tolist(), "image_to_text": i2t.tolist(),
             "text_queries": q.tolist(), "text_to_image": t2i.tolist(),
             "captions": {int(i): str(captions[i]) for i in np.unique(np.concatenate([q, i2t.ravel()]))},
-            "images": {int(i): _denormalize(data["image"][i], self.image_mean, self.image_std) for i in needed},
+            "images": images,
         }
 
     def __call__(self, specs: Sequence[EvaluatorSpec] | None = None) -> dict[str, float]:
+        """Runs ``specs`` (default: all of them): ``{result key: float}``, keys in the order the
+        evaluators write them; ``details`` is replaced."""
         specs = self.specs if specs is None else list(specs)
         cache: dict = {}
         results: dict[str, float] = {}
@@ -354,14 +459,8 @@ class Evaluation:
         for spec in specs:
             feats = self._features(cache, spec.dataset, spec.split, spec.max_examples)
             results[f"{spec.tag}num_examples"] = float(feats["image"].shape[0])
-            if spec.name == "zero_shot":
-                self._zero_shot(spec, feats, results, details)
-            elif spec.name == "retrieval":
-                self._retrieval(spec, feats, results, details)
-            elif spec.name == "diagnostics":
-                self._diagnostics(spec, feats, results, details)
-            else:
-                self._probe(spec, feats, results, details, cache)
+            evaluator = EVALUATORS[spec.name]
+            evaluator.run(_Run(self, spec, feats, evaluator.prefix, results, details, cache))
         own = [s for s in specs if not s.tag]
         if own:
             self._pictures(self._features(cache, own[0].dataset, own[0].split, own[0].max_examples), details)
@@ -373,7 +472,9 @@ class EvalRunner:
     """``runner(params, step=None) -> {metric_name: float}`` for the evaluators of ``config.eval``.
 
     Args:
-      config: the run config (reads ``data``, ``eval`` and ``model.matryoshka_dims``).
+      config: the run config (reads ``data`` -- including ``mean``/``std``, the images'
+        normalization, to turn the report's pictures back into uint8 --, ``eval``,
+        ``sharding`` and ``model.matryoshka_dims``).
       model: the built model (``encode_image`` / ``encode_text``, or ``encode(name, x)``).
       mesh, batch_axes: where the encoders run; eval batches and retrieval galleries are split
         over ``batch_axes``.
@@ -383,7 +484,7 @@ class EvalRunner:
         their own (default ``config.eval.every_steps``; <= 0: only at the end).
 
     After a call, ``runner.details`` holds the arrays the report draws (per-class accuracy, a
-    similarity heatmap, retrieval examples).
+    similarity heatmap, retrieval examples with uint8 ``[H, W, 3]`` images).
     """
 
     def __init__(self, config: Any, model, mesh: Mesh, batch_axes: Sequence[str], param_shardings: Any, tokenizer,
@@ -401,11 +502,13 @@ class EvalRunner:
         # dropped and the rest (probes, k-NN, few-shot, diagnostics) run on image embeddings.
         self.has_text = "text" in tuple(getattr(model, "modalities", ("image", "text")))
         if not self.has_text:
-            dropped = [s.name for s in self.specs if s.name in TEXT_EVALUATORS]
+            dropped = [s.name for s in self.specs if EVALUATORS[s.name].needs_text]
             if dropped:
                 log.warning("model %s has no text modality: skipping evaluators %s",
                             type(model).__name__, dropped)
-            self.specs = [s for s in self.specs if s.name not in TEXT_EVALUATORS]
+            self.specs = [s for s in self.specs if not EVALUATORS[s.name].needs_text]
+        # Every eval set is loaded with config.data's normalization (see data_config below).
+        self._mean, self._std = config.data.mean, config.data.std
         self._arrays: dict = {}
         self._infos: dict = {}
 
@@ -441,7 +544,7 @@ class EvalRunner:
             tokenizer=tokenizer, batch_size=int(config.eval.batch_size), recall_ks=tuple(config.eval.recall_ks),
             zero_shot_ks=tuple(config.eval.get("zero_shot_ks", (1, 5))),
             matryoshka_dims=tuple(config.model.get("matryoshka_dims", ()) or ()),
-            mesh=mesh, batch_axes=self.batch_axes, image_mean=config.data.mean, image_std=config.data.std)
+            mesh=mesh, batch_axes=self.batch_axes)
         # Load every eval set now (and the probes' train features): a missing split or label
         # fails at start-up, not at the end of a long run.
         for s in self.specs:
@@ -473,6 +576,11 @@ class EvalRunner:
         """
         self._params = params
         try:
-            return self.evaluation(self.specs_at(step))
+            results = self.evaluation(self.specs_at(step))
         finally:
             self._params = None
+        pictures = self.evaluation.details.get("retrieval", {}).get("images")
+        if pictures is not None:  # the report draws uint8 pixels
+            self.evaluation.details["retrieval"]["images"] = {
+                i: denormalize_images(img, self._mean, self._std) for i, img in pictures.items()}
+        return results

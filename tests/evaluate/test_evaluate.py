@@ -1,8 +1,12 @@
-"""Tests for contrastive_jax.evaluate against brute-force numpy references."""
+"""Host zero-shot metrics, batched encoding, prompt ensembling and zero-shot through
+:class:`~contrastive_jax.evaluate.Evaluation`, against brute-force numpy references.
+
+(Retrieval metrics are tested in test_evaluate_retrieval.py, on the one implementation.)"""
 import numpy as np
 import pytest
 
 from contrastive_jax import evaluate
+from contrastive_jax.train import load_config
 
 
 def reference_ranks(queries, candidates, targets):
@@ -44,43 +48,6 @@ def test_zero_shot_accuracy_matches_bruteforce(kind, block_size):
     if kind == "ties":
         # Duplicated classes can never be a top-1 hit under the pessimistic rule.
         assert np.all(out["per_class_top1"][[2, 5]][~np.isnan(out["per_class_top1"][[2, 5]])] == 0)
-
-
-@pytest.mark.parametrize("kind", ["normal", "ties"])
-def test_retrieval_matches_bruteforce(kind):
-    rng = np.random.default_rng(1)
-    n, d = 60, 3
-    if kind == "ties":
-        image_emb, text_emb = int_embeddings(rng, n, d), int_embeddings(rng, n, d)
-        text_emb[10] = text_emb[11]  # identical captions
-    else:
-        image_emb = rng.normal(size=(n, d)).astype(np.float32)
-        text_emb = (image_emb + 0.8 * rng.normal(size=(n, d))).astype(np.float32)
-    out = evaluate.retrieval_metrics(image_emb, text_emb, ks=(1, 5, 100), block_size=16)
-    ids = np.arange(n)
-    i2t, t2i = reference_ranks(image_emb, text_emb, ids), reference_ranks(text_emb, image_emb, ids)
-    assert set(out) == {"image_to_text/R@1", "image_to_text/R@5", "text_to_image/R@1", "text_to_image/R@5"}
-    for k in (1, 5):
-        assert out[f"image_to_text/R@{k}"] == pytest.approx(np.mean(i2t < k))
-        assert out[f"text_to_image/R@{k}"] == pytest.approx(np.mean(t2i < k))
-    assert 0 < out["image_to_text/R@5"] < 1  # the data is neither trivial nor hopeless
-
-
-def test_retrieval_ties_hand_case():
-    # Image 0 is equally similar to texts 0 and 1 (identical): a tie, so a miss at R@1, hit at R@2.
-    image_emb = np.array([[1, 0], [0, 1]], np.float32)
-    text_emb = np.array([[1, 1], [1, 1]], np.float32)
-    out = evaluate.retrieval_metrics(image_emb, text_emb, ks=(1, 2))
-    assert out["image_to_text/R@1"] == 0.0 and out["image_to_text/R@2"] == 1.0
-    # Text→image: text i's two images have equal similarity too.
-    assert out["text_to_image/R@1"] == 0.0
-
-
-def test_nan_embedding_is_a_miss():
-    image_emb = np.array([[np.nan, 0], [0, 1]], np.float32)
-    text_emb = np.array([[1, 0], [0, 1]], np.float32)
-    out = evaluate.retrieval_metrics(image_emb, text_emb, ks=(1,))
-    assert out["image_to_text/R@1"] == 0.5
 
 
 @pytest.mark.parametrize("n", [10, 3, 8, 0])
@@ -157,29 +124,20 @@ def make_eval_data(rng, n):
     return dict(image=images, color=color, kind=kind)
 
 
-def test_evaluate_two_tower_perfect_one_hot():
-    rng = np.random.default_rng(3)
-    # Every (color, kind) pair exactly once, so captions are unique and retrieval is perfect.
-    color, kind = np.meshgrid(np.arange(3), np.arange(4), indexing="ij")
-    data = make_eval_data(rng, 12)
-    data["image"][:, 0, 0, 0], data["image"][:, 0, 0, 1] = color.ravel(), kind.ravel()
-    data["color"], data["kind"] = color.ravel(), kind.ravel()
-    data["text"] = TOKENIZER.encode([f"a {COLORS[c]} {KINDS[k]}" for c, k in zip(color.ravel(), kind.ravel())])
-    bs = 5  # 12 examples: the last batch is padded
-    out = evaluate.evaluate_two_tower(
-        one_hot_image_encoder(bs), one_hot_text_encoder(bs), data, tokenizer=TOKENIZER,
-        class_names={"color": COLORS, "kind": KINDS}, templates=TEMPLATES, batch_size=bs,
-        recall_ks=(1, 5), zero_shot_ks=(1, 2, 5),
-    )
-    assert out["num_examples"] == 12
-    for key in ("zeroshot/color/top1", "zeroshot/kind/top1", "zeroshot/kind/top2",
-                "retrieval/image_to_text/R@1", "retrieval/text_to_image/R@1", "retrieval/text_to_image/R@5"):
-        assert out[key] == 1.0, key
-    assert "zeroshot/kind/top5" not in out  # only 4 kinds
-    assert all(isinstance(v, float) for v in out.values())
+def evaluate_set(encode_image, encode_text, data, *, class_names, templates, batch_size, prompts=None,
+                 entries=("zero_shot", "retrieval"), **kwargs):
+    """One :class:`Evaluation` call on ``data`` (the run's own eval set) with the given prompts."""
+    config = load_config(None)
+    config.eval.evaluators = list(entries)
+    info = {"class_names": class_names, "templates": templates, "prompts": prompts or {},
+            "label_keys": tuple(class_names)}
+    return evaluate.Evaluation(
+        evaluate.parse_evaluators(config.eval, config.data), encode_image=encode_image, encode_text=encode_text,
+        load_arrays=lambda ds, split, n: data, dataset_info=lambda ds: info, tokenizer=TOKENIZER,
+        batch_size=batch_size, **kwargs)()
 
 
-def test_evaluate_two_tower_random_is_chance():
+def test_evaluation_random_is_chance():
     rng = np.random.default_rng(4)
     n, d, bs = 3000, 16, 256
     data = make_eval_data(rng, n)
@@ -195,10 +153,8 @@ def test_evaluate_two_tower_random_is_chance():
     def encode_text(tokens):
         return tok_proj[tokens].sum(axis=1)
 
-    out = evaluate.evaluate_two_tower(
-        encode_image, encode_text, data, tokenizer=TOKENIZER,
-        class_names={"color": COLORS, "kind": KINDS}, templates=TEMPLATES, batch_size=bs,
-    )
+    out = evaluate_set(encode_image, encode_text, data, class_names={"color": COLORS, "kind": KINDS},
+                       templates=TEMPLATES, batch_size=bs)
     # Binomial std at n=3000 is < 0.01; 0.04 is > 4 sigma.
     assert out["zeroshot/color/top1"] == pytest.approx(1 / 3, abs=0.04)
     assert out["zeroshot/kind/top1"] == pytest.approx(1 / 4, abs=0.04)
@@ -220,39 +176,6 @@ def test_zero_shot_class_embeddings_matches_manual():
         np.testing.assert_allclose(out[c], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
 
 
-def test_retrieval_groups_count_identical_captions_as_hits():
-    """Brute force: with groups, a hit is any same-group candidate within k of the others."""
-    rng = np.random.default_rng(3)
-    n, d = 40, 8
-    groups = rng.integers(0, 12, size=n)
-    image = rng.normal(size=(n, d)).astype(np.float32)
-    # Items of one group have the same caption, hence identical text embeddings.
-    text = rng.normal(size=(12, d)).astype(np.float32)[groups]
-    from contrastive_jax.evaluate import retrieval_metrics
-
-    got = retrieval_metrics(image, text, ks=(1, 5), groups=groups)
-    for k in (1, 5):
-        hits_i2t, hits_t2i = [], []
-        for q in range(n):
-            s = text @ image[q]  # image q against every text
-            order = np.argsort(-s, kind="stable")
-            # Distinct texts only (identical rows are one item); hit if the true group is in the top k.
-            seen, top = set(), []
-            for j in order:
-                if groups[j] not in seen:
-                    seen.add(groups[j]); top.append(groups[j])
-            hits_i2t.append(groups[q] in top[:k])
-            s2 = image @ text[q]
-            others = s2[groups != groups[q]]
-            best = s2[groups == groups[q]].max()
-            hits_t2i.append(np.sum(others >= best) < k)
-        assert got[f"image_to_text/R@{k}"] == pytest.approx(np.mean(hits_i2t))
-        assert got[f"text_to_image/R@{k}"] == pytest.approx(np.mean(hits_t2i))
-    # Without groups, identical captions are ties against the true one: strictly lower recall.
-    plain = retrieval_metrics(image, text, ks=(1,))
-    assert plain["image_to_text/R@1"] < got["image_to_text/R@1"]
-
-
 def test_prompt_class_embeddings_ragged_and_prompts_override_templates():
     rng = np.random.default_rng(6)
     proj = rng.normal(size=(20, 6)).astype(np.float32)
@@ -263,12 +186,10 @@ def test_prompt_class_embeddings_ragged_and_prompts_override_templates():
         embs = encode_text(TOKENIZER.encode(per_class))
         mean = (embs / np.linalg.norm(embs, axis=1, keepdims=True)).mean(axis=0)
         np.testing.assert_allclose(out[c], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
-    # evaluate_two_tower uses given prompts instead of templates: prompts that name the WRONG
-    # colour (rotated by one) turn perfect one-hot accuracy into zero.
+    # Zero-shot uses a dataset's ready-made prompts instead of its templates: prompts that name
+    # the WRONG colour (rotated by one) turn perfect one-hot accuracy into zero.
     data = make_eval_data(np.random.default_rng(0), 30)
     rotated = {"color": [[f"a {COLORS[(c + 1) % 3]} shape"] for c in range(3)]}
-    res = evaluate.evaluate_two_tower(
-        one_hot_image_encoder(8), one_hot_text_encoder(8), data, tokenizer=TOKENIZER,
-        class_names={"color": COLORS}, templates=TEMPLATES, batch_size=8, prompts=rotated,
-    )
+    res = evaluate_set(one_hot_image_encoder(8), one_hot_text_encoder(8), data, class_names={"color": COLORS},
+                       templates=TEMPLATES, batch_size=8, prompts=rotated, entries=("zero_shot",))
     assert res["zeroshot/color/top1"] == 0.0

@@ -1,8 +1,10 @@
-"""Sharded streaming retrieval against brute-force numpy (full similarity matrix, full sort)."""
+"""Retrieval -- the one implementation, sharded and streamed -- against brute-force numpy (full
+similarity matrix, full sort)."""
 import jax
 import numpy as np
 import pytest
 
+from contrastive_jax.evaluate import metrics
 from contrastive_jax.evaluate import retrieval as R
 from contrastive_jax.parallel.mesh import make_mesh
 
@@ -76,6 +78,8 @@ def test_nan_positive_is_a_miss_and_missing_positive_is_an_error():
     assert out["ranks"].tolist() == [2, 0]
     with pytest.raises(ValueError, match="no positive"):
         R.streaming_retrieval(q, R.shard_gallery(g, [0, 1]), query_labels=[0, 5])
+    # The same through retrieval_eval: the NaN image misses, the other one hits.
+    assert R.retrieval_eval(q, g, ks=(1,))["image_to_text/R@1"] == 0.5
 
 
 def test_retrieval_eval_multi_caption_matches_bruteforce():
@@ -115,19 +119,84 @@ def test_retrieval_eval_multi_caption_matches_bruteforce():
     assert 0 < got["text_to_image/R@5"] < 1
 
 
-def test_retrieval_eval_one_to_one_equals_existing_host_metric():
-    """Same numbers as the host-side reference metric (evaluate.retrieval_metrics) on 1:1 data."""
-    from contrastive_jax.evaluate import retrieval_metrics
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+def test_retrieval_eval_one_to_one_matches_bruteforce(kind):
+    rng = np.random.default_rng(1)
+    n, d = 60, 3
+    if kind == "ties":
+        image, text = int_emb(rng, n, d), int_emb(rng, n, d)
+        text[10] = text[11]  # identical embeddings (distinct captions): exact ties
+    else:
+        image = rng.normal(size=(n, d)).astype(np.float32)
+        text = (image + 0.8 * rng.normal(size=(n, d))).astype(np.float32)
+    # Small blocks: several streaming steps per gallery and several query blocks.
+    got = R.retrieval_eval(image, text, ks=(1, 5, 100), gallery_block=16, query_block=16)
+    ids = [[i] for i in range(n)]
+    i2t, t2i = brute_ranks(image, text, ids, ids), brute_ranks(text, image, ids, ids)
+    assert set(got) == {f"{side}/{m}" for side in ("image_to_text", "text_to_image")
+                        for m in ("R@1", "R@5", "median_rank")}  # 100 > N skipped
+    for k in (1, 5):
+        assert got[f"image_to_text/R@{k}"] == pytest.approx(np.mean(i2t < k))
+        assert got[f"text_to_image/R@{k}"] == pytest.approx(np.mean(t2i < k))
+    assert got["image_to_text/median_rank"] == np.median(i2t + 1)
+    assert got["text_to_image/median_rank"] == np.median(t2i + 1)
+    assert 0 < got["image_to_text/R@5"] < 1  # the data is neither trivial nor hopeless
+    if kind == "ties":
+        assert np.any(i2t > 0) and np.any(t2i > 0)
 
-    rng = np.random.default_rng(2)
-    image, text = int_emb(rng, 50, 3), int_emb(rng, 50, 3)
-    got = R.retrieval_eval(image, text, ks=(1, 5))
-    ref = retrieval_metrics(image, text, ks=(1, 5))
-    for key, v in ref.items():
-        assert got[key] == pytest.approx(v), key
+
+def test_identical_captions_count_as_one_text():
+    """Brute force: with caption strings, a hit is any same-string candidate within k of the others."""
+    rng = np.random.default_rng(3)
+    n, d = 40, 8
+    groups = rng.integers(0, 12, size=n)
+    image = rng.normal(size=(n, d)).astype(np.float32)
+    # Items of one group have the same caption, hence identical text embeddings.
+    text = rng.normal(size=(12, d)).astype(np.float32)[groups]
+    got = R.retrieval_eval(image, text, text_strings=[f"caption {g}" for g in groups], ks=(1, 5))
+    for k in (1, 5):
+        hits_i2t, hits_t2i = [], []
+        for q in range(n):
+            s = text @ image[q]  # image q against every text
+            order = np.argsort(-s, kind="stable")
+            # Distinct texts only (identical rows are one item); hit if the true group is in the top k.
+            seen, top = set(), []
+            for j in order:
+                if groups[j] not in seen:
+                    seen.add(groups[j]); top.append(groups[j])
+            hits_i2t.append(groups[q] in top[:k])
+            s2 = image @ text[q]
+            others = s2[groups != groups[q]]
+            best = s2[groups == groups[q]].max()
+            hits_t2i.append(np.sum(others >= best) < k)
+        assert got[f"image_to_text/R@{k}"] == pytest.approx(np.mean(hits_i2t))
+        assert got[f"text_to_image/R@{k}"] == pytest.approx(np.mean(hits_t2i))
+    # Without the strings, identical captions are ties against the true one: strictly lower recall.
+    plain = R.retrieval_eval(image, text, ks=(1,))
+    assert plain["image_to_text/R@1"] < got["image_to_text/R@1"]
+
+
+def test_deprecated_candidate_groups_are_label_set_ranks():
+    """``true_item_ranks(candidate_groups=)`` (deprecated) still gives grouped ranks, now from
+    streaming_retrieval: #{other-group candidates >= the best same-group one}."""
+    rng = np.random.default_rng(7)
+    q, c = int_emb(rng, 30, 3), int_emb(rng, 25, 3)
+    groups = rng.integers(0, 9, size=25) * 3 - 5  # arbitrary ids, negatives included
+    targets = rng.integers(0, 25, size=30)
+    with pytest.warns(DeprecationWarning, match="candidate_groups"):
+        got = metrics.true_item_ranks(q, c, targets, block_size=7, candidate_groups=groups)
+    ref = brute_ranks(q, c, [[groups[t]] for t in targets], [[g] for g in groups])
+    np.testing.assert_array_equal(got, ref)
+    assert np.any(ref > 0)
 
 
 def test_hand_case_ties_and_median_rank():
+    # Image 0 is equally similar to texts 0 and 1 (identical): a tie, so a miss at R@1, hit at R@2.
+    got = R.retrieval_eval(np.array([[1, 0], [0, 1]], np.float32), np.array([[1, 1], [1, 1]], np.float32),
+                           ks=(1, 2))
+    assert got["image_to_text/R@1"] == 0.0 and got["image_to_text/R@2"] == 1.0
+    # Text→image: text i's two images have equal similarity too.
+    assert got["text_to_image/R@1"] == 0.0
     # Image 0 ties its caption with another: rank 1 (pessimistic), a miss at R@1, hit at R@2.
     image = np.array([[1, 0], [0, 1], [0, 1]], np.float32)
     text = np.array([[1, 1], [1, 1], [0, 1]], np.float32)

@@ -1,5 +1,5 @@
-"""The evaluator list of config.eval: validation, results of a whole evaluation, and identical
-results on 1 and 8 devices with a ragged last batch."""
+"""The evaluator list of config.eval: validation, results of a whole evaluation, identical
+results on 1 and 8 devices with a ragged last batch, and the report's pictures."""
 import os
 
 import flax.linen as nn
@@ -72,14 +72,17 @@ def test_parse_evaluators_defaults_and_errors():
     assert len(evaluate.parse_evaluators(load_config(None).eval, load_config(None).data)) == 6
 
 
-def one_hot_encoders():
-    """Images carry (color, kind, big) in pixel [0, 0, :3]; texts are one-hot of their words."""
+def one_hot_encoders(batch_size=None):
+    """Images carry (color, kind, big) in pixel [0, 0, :3]; texts are one-hot of their words.
+    With ``batch_size``, every call must get exactly that many rows (the last batch padded)."""
 
     def image(x):
+        assert batch_size is None or x.shape[0] == batch_size
         c, k = x[:, 0, 0, 0].astype(int), x[:, 0, 0, 1].astype(int)
         return np.concatenate([np.eye(3)[c], np.eye(4)[k], 0.1 * x[:, 0, 0, 2:3]], 1).astype(np.float32)
 
     def text(t):
+        assert batch_size is None or t.shape[0] == batch_size
         out = np.zeros((len(t), 8), np.float32)
         for j, w in enumerate(COLORS + KINDS):
             out[:, j] = np.any(t == TOK.ids[w], axis=1)
@@ -94,16 +97,19 @@ def test_evaluation_with_perfect_encoders():
     train = synthetic_set(120, 1)
     for d in (data, train):
         d["image"][:, 0, 0, 0], d["image"][:, 0, 0, 1], d["image"][:, 0, 0, 2] = d["color"], d["kind"], d["big"]
-    enc_i, enc_t = one_hot_encoders()
+    enc_i, enc_t = one_hot_encoders(batch_size=16)  # 90 and 120 rows: the last batches are padded
     ev = evaluate.Evaluation(
         specs("zero_shot", "retrieval", "diagnostics", dict(name="linear_probe", logistic_l2=(1e-3,)),
               dict(name="knn", k=3), dict(name="few_shot", shots=(1, 2), seeds=2)),
         encode_image=enc_i, encode_text=enc_t,
         load_arrays=lambda ds, split, n: train if split == "train" else data,
-        dataset_info=lambda ds: INFO, tokenizer=TOK, batch_size=16, matryoshka_dims=(3,))
+        dataset_info=lambda ds: INFO, tokenizer=TOK, batch_size=16, zero_shot_ks=(1, 2, 5), matryoshka_dims=(3,))
     out = ev()
     assert out["num_examples"] == 90
+    assert all(isinstance(v, float) for v in out.values())
     assert out["zeroshot/color/top1"] == 1.0 and out["zeroshot/kind/top1"] == 1.0
+    assert out["zeroshot/kind/top2"] == 1.0 and out["zeroshot/color/top2"] == 1.0
+    assert "zeroshot/kind/top5" not in out and "zeroshot/color/top5" not in out  # only 4 kinds, 3 colours
     assert out["zeroshot/kind/mean_per_class_top1"] == 1.0
     for attr in ("color", "kind"):
         assert out[f"probe/{attr}/ridge/top1"] == 1.0 and out[f"probe/{attr}/logistic/top1"] == 1.0
@@ -111,6 +117,7 @@ def test_evaluation_with_perfect_encoders():
     # At most 24 distinct captions; images with one caption have identical embeddings, so a text
     # query ties among them, but all of them are its positives (identical strings are one text).
     assert out["retrieval/text_to_image/R@1"] == 1.0 and out["retrieval/image_to_text/R@1"] == 1.0
+    assert out["retrieval/text_to_image/R@5"] == 1.0
     assert out["retrieval/image_to_text/median_rank"] == 1.0
     # The first 3 dims hold the colour only: at that Matryoshka prefix colour stays perfect and
     # kind drops to (at most) chance-level ties.
@@ -121,6 +128,31 @@ def test_evaluation_with_perfect_encoders():
     assert d["per_class"]["kind"]["values"] == [1.0] * 4
     assert set(d["retrieval"]["images"]) >= set(d["retrieval"]["image_queries"])
     assert np.asarray(d["heatmap"]["similarity"]).shape == (16, 16)
+    # Evaluation knows no normalization: the pictures are the eval arrays' own images.
+    for i, img in d["retrieval"]["images"].items():
+        np.testing.assert_array_equal(img, data["image"][i])
+
+
+def pixels(images, mean, std):
+    """Reference de-normalization (float32 arithmetic, rounded, clipped to uint8)."""
+    x = np.asarray(images, np.float32) * np.float32(std) + np.float32(mean)
+    return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def test_evaluation_deprecated_image_mean_std_still_give_uint8_pictures():
+    data = synthetic_set(20, 4)
+    enc_i, enc_t = one_hot_encoders()
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
+    with pytest.warns(DeprecationWarning, match="image_mean"):
+        ev = evaluate.Evaluation(specs("retrieval"), encode_image=enc_i, encode_text=enc_t,
+                                 load_arrays=lambda ds, split, n: data, dataset_info=lambda ds: INFO, tokenizer=TOK,
+                                 batch_size=8, image_mean=mean, image_std=std)
+    ev()
+    images = ev.details["retrieval"]["images"]
+    assert images
+    for i, img in images.items():
+        assert img.dtype == np.uint8
+        np.testing.assert_array_equal(img, pixels(data["image"][i], np.array(mean), np.array(std)))
 
 
 def tiny_model_and_params():
@@ -161,6 +193,32 @@ def test_sharded_evaluation_equals_single_device_unpadded():
     for k in ref:
         assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
     assert 0 < ref["retrieval/text_to_image/R@10"] < 1  # a random model: not a degenerate case
+
+
+def test_eval_runner_pictures_use_config_data_normalization(monkeypatch):
+    """EvalRunner reads config.data.mean/std (the eval arrays' normalization) to turn the report's
+    pictures back into uint8 pixels; the eval sets come from the (patched) data package."""
+    from contrastive_jax import data as data_lib
+
+    model, params = tiny_model_and_params()
+    data = synthetic_set(20, 5)
+    monkeypatch.setattr(data_lib, "load_eval_arrays", lambda dc, split, tokenizer, max_examples: data)
+    monkeypatch.setattr(data_lib, "dataset_info", lambda dc: INFO)
+    config = load_config(QUICKSTART + ":tiny")
+    config.data.mean, config.data.std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
+    config.eval.evaluators, config.eval.batch_size = ["retrieval"], 16
+    mesh = make_mesh([("data", 8)], jax.devices()[:8])
+    sh = jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()), params)
+    runner = evaluate.EvalRunner(config, model, mesh, ("data",), sh, TOK, default_every_steps=10)
+    assert runner.due(20) and not runner.due(15)
+    out = runner(params)
+    assert out["num_examples"] == 20 and 0 <= out["retrieval/image_to_text/R@1"] <= 1
+    images = runner.details["retrieval"]["images"]
+    assert set(images) >= set(runner.details["retrieval"]["image_queries"])
+    for i, img in images.items():
+        assert img.dtype == np.uint8
+        np.testing.assert_array_equal(img, pixels(data["image"][i], np.array(config.data.mean),
+                                                  np.array(config.data.std)))
 
 
 def test_encoders_return_the_embedding_before_normalization():
