@@ -1,16 +1,21 @@
 """Flax (linen) models: ViT / ResNet image towers, transformer text tower, generic encoders for
-1-D signals and feature vectors, the two-tower CLIP/SigLIP model and the N-tower model.
+1-D signals and feature vectors, the two-tower CLIP/SigLIP model, the N-tower model, the
+multi-view (SimCLR / SLIP) models and teacher-student distillation.
 
 Typical use::
 
     model = models.build(config.model)                 # model.modalities == ('image', 'text')
+    inputs = models.sample_inputs(config.model, config.data)   # ShapeDtypeStructs, batch 1
     variables = model.init(rng, images, texts)         # params boxed with logical axis names
     params = nn.meta.unbox(variables['params'])         # plain arrays work the same
     out = model.apply({'params': params}, images, texts)  # image/text [B, D], scale, bias
     img = model.apply({'params': params}, 'image', images, method='encode')
 
-New model kinds: :func:`register_model`; new N-tower encoders: :func:`register_encoder`.
-Parameter counts and FLOPs: :mod:`contrastive_jax.models.inspect`.
+Every built-in model kind is in :data:`MODELS` from the start (nothing registers at import).
+New model kinds: :func:`register_model`; new towers / N-tower encoders:
+:func:`register_image_tower`, :func:`register_text_tower`, :func:`register_encoder`; config
+groups of Flax modules: :class:`ModuleSchema` / :func:`build_module`. Parameter counts and
+FLOPs: :mod:`contrastive_jax.models.inspect`.
 """
 from contrastive_jax.models.build import (
     DTYPES,
@@ -18,7 +23,10 @@ from contrastive_jax.models.build import (
     IMAGE_TOWERS,
     MODELS,
     TEXT_TOWERS,
+    ModelKind,
     build,
+    build_image_tower,
+    build_text_tower,
     encoder_defaults,
     register_encoder,
     register_image_tower,
@@ -26,9 +34,8 @@ from contrastive_jax.models.build import (
     register_text_tower,
     sample_inputs,
 )
+from contrastive_jax.models.distill import Distill
 from contrastive_jax.models.generic import MlpEncoder, SignalTransformer
-from contrastive_jax.models.distill import Distill  # registers model.name 'distill'
-from contrastive_jax.models.multiview import MultiView  # registers model.name 'multiview' and 'slip'
 from contrastive_jax.models.layers import (
     ACTIVATIONS,
     DenseGeneral,
@@ -40,16 +47,18 @@ from contrastive_jax.models.layers import (
     MultiHeadAttention,
     l2_normalize,
 )
+from contrastive_jax.models.multiview import MultiView
 from contrastive_jax.models.resnet import ResNet
+from contrastive_jax.models.schema import ModuleSchema, build_module
 from contrastive_jax.models.text import TextTransformer
 from contrastive_jax.models.towers import MlpHead, NTower, TwoTower, logical_param_axes, make_head
 from contrastive_jax.models.vit import VisionTransformer, vit_variant
 
 __all__ = [
-    "Distill",
-    "ACTIVATIONS", "DTYPES", "DenseGeneral", "ENCODERS", "Encoder", "EncoderBlock", "IMAGE_TOWERS", "MultiView",
-    "LayerNorm", "MAPHead", "MODELS", "MlpBlock", "MlpEncoder", "MlpHead", "MultiHeadAttention", "NTower",
-    "ResNet", "SignalTransformer", "TEXT_TOWERS", "TextTransformer", "TwoTower", "VisionTransformer",
-    "build", "encoder_defaults", "l2_normalize", "logical_param_axes", "make_head", "register_encoder",
+    "ACTIVATIONS", "DTYPES", "DenseGeneral", "Distill", "ENCODERS", "Encoder", "EncoderBlock", "IMAGE_TOWERS",
+    "LayerNorm", "MAPHead", "MODELS", "MlpBlock", "MlpEncoder", "MlpHead", "ModelKind", "ModuleSchema",
+    "MultiHeadAttention", "MultiView", "NTower", "ResNet", "SignalTransformer", "TEXT_TOWERS", "TextTransformer",
+    "TwoTower", "VisionTransformer", "build", "build_image_tower", "build_module", "build_text_tower",
+    "encoder_defaults", "l2_normalize", "logical_param_axes", "make_head", "register_encoder",
     "register_image_tower", "register_model", "register_text_tower", "sample_inputs", "vit_variant",
 ]

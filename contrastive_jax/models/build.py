@@ -1,20 +1,27 @@
-"""``build(config.model) -> nn.Module``: models and encoders through explicit name registries.
+"""``build(config.model) -> nn.Module``: every model kind, tower and encoder in explicit registries.
 
-Three registries, all looked up by exact name (never by substrings of a model name):
+Four registries, all looked up by exact name (never by substrings of a model name). The built-in
+entries are written out in the literals below; nothing registers itself at import time. The
+``register_*`` functions are for users' own kinds (they add to these dicts when called).
 
-- :data:`MODELS` — ``model.name`` -> ``builder(model_config, dtype) -> nn.Module``; add kinds
-  (e.g. an image-only SimCLR model) with :func:`register_model`. Every built model has
-  ``modalities`` (the batch keys it consumes, in order) and the call/``encode`` contract of
+- :data:`MODELS` — ``model.name`` -> :class:`ModelKind` (``builder(model_config, dtype) ->
+  nn.Module`` plus the names of the model's inputs). Every built model has ``modalities`` (the
+  batch keys it consumes, in order) and the call/``encode`` contract of
   :mod:`contrastive_jax.models.towers`.
-- :data:`IMAGE_TOWERS` / :data:`TEXT_TOWERS` — ``model.image.name`` / ``model.text.name`` of
-  the two-tower model -> ``builder(tower_config, dtype)``.
+- :data:`IMAGE_TOWERS` / :data:`TEXT_TOWERS` — ``model.image.name`` / ``model.text.name`` ->
+  ``builder(group_config, dtype)``, used by every kind with those groups.
 - :data:`ENCODERS` — the encoder kinds of the N-tower model (``model.towers.<m>.encoder``) ->
   ``(builder(tower_config, dtype), defaults)``, ``defaults`` being the encoder's fields with
   their default values (used to fill and to validate a tower entry).
+
+Built-in towers and models are built by :func:`~contrastive_jax.models.schema.build_module` from
+their config group and the module's dataclass fields (schemas in :mod:`.config`), so a field is
+named, typed and defaulted in one place: the module class.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -23,11 +30,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from contrastive_jax.models import config as model_config_lib
-from contrastive_jax.models.generic import MlpEncoder, SignalTransformer
-from contrastive_jax.models.resnet import ResNet
-from contrastive_jax.models.text import TextTransformer
+from contrastive_jax.models.config import GROUP_KEYS, HEAD_CHOICES, MLP, RESNET, SIGNAL, TEXT, TWO_TOWER, VIT
+from contrastive_jax.models.distill import Distill, teacher_config
+from contrastive_jax.models.multiview import MultiView
+from contrastive_jax.models.schema import build_module
 from contrastive_jax.models.towers import NTower, TwoTower, make_head
-from contrastive_jax.models.vit import VisionTransformer
 
 TowerBuilder = Callable[[Any, Any], nn.Module]
 ModelBuilder = Callable[[Any, Any], nn.Module]
@@ -38,118 +45,74 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _TOWER_KEYS = ("encoder", "head", "head_hidden", "head_act", "head_bias", "input_shape", "input_dtype")
 
 
-def _choice(cfg, key: str, allowed, default):
-    value = cfg.get(key, default)
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r}; known: {', '.join(map(str, allowed))}")
-    return value
+@functools.cache
+def _schema_keys() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(every ``config.model`` key, every ``config.model.image`` key) of the run schema."""
+    d = model_config_lib.defaults()
+    return tuple(d.keys()), tuple(d.image.keys())
 
 
-def _check_common(cfg, pools, default_pool) -> None:
-    """Build-time checks of the enumerated fields, so a typo fails before anything compiles."""
-    from contrastive_jax.models.layers import ACTIVATIONS, REMAT_POLICIES
-
-    _choice(cfg, "pool", pools, default_pool)
-    _choice(cfg, "act", tuple(ACTIVATIONS), "gelu")
-    _choice(cfg, "remat", REMAT_POLICIES, "none")
+def _model_keys() -> tuple[str, ...]:
+    return _schema_keys()[0]
 
 
-def _build_vit(cfg, dtype) -> nn.Module:
-    from contrastive_jax.models import vit as vit_lib
-
-    _check_common(cfg, vit_lib.POOL_TYPES, "gap")
-    _choice(cfg, "posemb", vit_lib.POSEMB_TYPES, "learn")
-    _choice(cfg, "stem", vit_lib.STEM_TYPES, "patch")
-    return VisionTransformer(
-        patch_size=cfg.patch_size,
-        width=cfg.width,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_dim=cfg.mlp_dim,
-        pool=cfg.get("pool", "gap"),
-        posemb=cfg.get("posemb", "learn"),
-        stem=cfg.get("stem", "patch"),
-        act=cfg.get("act", "gelu"),
-        patch_bias=bool(cfg.get("patch_bias", True)),
-        norm_pre=bool(cfg.get("norm_pre", False)),
-        cls_posemb=bool(cfg.get("cls_posemb", False)),
-        patch_dropout=float(cfg.get("patch_dropout", 0.0)),
-        remat=cfg.get("remat", "none"),
-        scan=bool(cfg.get("scan", False)),
-        norm_eps=float(cfg.get("norm_eps", 1e-6)),
-        dtype=dtype,
-    )
+def _resnet_image_tower(cfg, dtype) -> nn.Module:
+    # model.image holds the ViT's fields too; a ResNet reads only its own (depth, width).
+    return RESNET.build(cfg, dtype, known=_schema_keys()[1])
 
 
-def _build_resnet(cfg, dtype) -> nn.Module:
-    return ResNet(depth=int(cfg.get("depth", 50)), width=int(cfg.get("width", 64)), dtype=dtype)
-
-
-def _build_text_transformer(cfg, dtype) -> nn.Module:
-    if cfg.vocab_size is None or cfg.vocab_size <= 0:
-        raise ValueError(
-            f"model.text.vocab_size is {cfg.vocab_size}; set it (or resolve -1 from the tokenizer's "
-            "vocabulary size) before building the model"
-        )
-    from contrastive_jax.models import text as text_lib
-
-    _check_common(cfg, text_lib.POOL_TYPES, "eos")
-    return TextTransformer(
-        vocab_size=cfg.vocab_size,
-        width=cfg.width,
-        depth=cfg.depth,
-        num_heads=cfg.num_heads,
-        mlp_dim=cfg.mlp_dim,
-        causal=cfg.get("causal", True),
-        context_length=cfg.get("context_length", 0) or None,
-        pool=cfg.get("pool", "eos"),
-        act=cfg.get("act", "gelu"),
-        remat=cfg.get("remat", "none"),
-        scan=bool(cfg.get("scan", False)),
-        eos_id=int(cfg.get("eos_id", -1)),
-        norm_eps=float(cfg.get("norm_eps", 1e-6)),
-        dtype=dtype,
-    )
-
-
-def _build_signal(cfg, dtype) -> nn.Module:
-    from contrastive_jax.models import generic
-
-    _check_common(cfg, generic.POOL_TYPES, "gap")
-    return SignalTransformer(
-        patch_size=cfg.patch_size, width=cfg.width, depth=cfg.depth, num_heads=cfg.num_heads,
-        mlp_dim=cfg.mlp_dim, pool=cfg.pool, act=cfg.act, remat=cfg.remat, scan=bool(cfg.scan), dtype=dtype,
-    )
-
-
-def _build_mlp(cfg, dtype) -> nn.Module:
-    return MlpEncoder(width=cfg.width, depth=cfg.depth, mlp_dim=cfg.mlp_dim, act=cfg.act, dtype=dtype)
-
-
-def _group_defaults(group: str, drop=("name", "extra")) -> dict:
-    d = model_config_lib.defaults()[group].to_dict()
-    return {k: v for k, v in d.items() if k not in drop}
-
-
-IMAGE_TOWERS: dict[str, TowerBuilder] = {"vit": _build_vit, "resnet": _build_resnet}
-TEXT_TOWERS: dict[str, TowerBuilder] = {"transformer": _build_text_transformer}
+IMAGE_TOWERS: dict[str, TowerBuilder] = {
+    "vit": functools.partial(VIT.build, known=GROUP_KEYS),
+    "resnet": _resnet_image_tower,
+}
+TEXT_TOWERS: dict[str, TowerBuilder] = {
+    "transformer": functools.partial(TEXT.build, known=GROUP_KEYS),
+}
 ENCODERS: dict[str, tuple[TowerBuilder, dict]] = {
-    "vit": (_build_vit, _group_defaults("image")),
-    "resnet": (_build_resnet, dict(depth=50, width=64)),
-    "transformer": (_build_text_transformer, _group_defaults("text")),
-    "signal": (_build_signal, dict(patch_size=16, width=128, depth=2, num_heads=4, mlp_dim=512, pool="gap",
-                                   act="gelu", remat="none", scan=False)),
-    "mlp": (_build_mlp, dict(width=128, depth=2, mlp_dim=0, act="gelu")),
+    "vit": (VIT.build, VIT.defaults()),
+    "resnet": (RESNET.build, RESNET.defaults()),
+    "transformer": (TEXT.build, TEXT.defaults()),
+    "signal": (SIGNAL.build, SIGNAL.defaults()),
+    "mlp": (MLP.build, MLP.defaults()),
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+    """An entry of :data:`MODELS`: how to build a model kind and what its inputs are.
+
+    Calling it builds the model (``kind(model_config, dtype)``), as a bare builder would.
+
+    Attributes:
+      builder: ``builder(model_config, dtype) -> nn.Module``.
+      modalities: the model's inputs in call order (the batch keys it consumes), or a function
+        ``model_config -> names`` for kinds whose inputs the config decides (``n_tower``).
+    """
+
+    builder: ModelBuilder
+    modalities: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ("image", "text")
+
+    def __call__(self, model_config, dtype) -> nn.Module:
+        return self.builder(model_config, dtype)
+
+    def input_names(self, model_config) -> tuple[str, ...]:
+        """The names of the inputs a model of this kind built from ``model_config`` takes."""
+        names = self.modalities(model_config) if callable(self.modalities) else self.modalities
+        return tuple(names)
+
+
 def register_image_tower(name: str, builder: TowerBuilder) -> None:
-    """Makes ``model.image.name = name`` build ``builder(config.model.image, dtype)``."""
+    """Makes ``model.image.name = name`` build ``builder(config.model.image, dtype)``.
+
+    The builder's own settings belong in ``model.image.extra`` (the other keys of ``model.image``
+    are the built-in towers' fields; the run schema rejects any other key).
+    """
     IMAGE_TOWERS[name] = builder
 
 
 def register_text_tower(name: str, builder: TowerBuilder) -> None:
-    """Makes ``model.text.name = name`` build ``builder(config.model.text, dtype)``."""
+    """Makes ``model.text.name = name`` build ``builder(config.model.text, dtype)`` (settings in
+    ``model.text.extra``, as for :func:`register_image_tower`)."""
     TEXT_TOWERS[name] = builder
 
 
@@ -158,6 +121,8 @@ def register_encoder(name: str, builder: TowerBuilder, defaults: dict) -> None:
 
     ``defaults``: every field the encoder reads, with its default; the tower config handed to
     the builder is these defaults overlaid with the tower entry (unknown fields are an error).
+    For a Flax module class ``M``, ``schema = ModuleSchema(M, required=...)`` gives both:
+    ``register_encoder(name, schema.build, schema.defaults())``.
     """
     ENCODERS[name] = (builder, dict(defaults))
 
@@ -173,23 +138,14 @@ def _lookup(registry: dict, name: str, field: str):
     return registry[name]
 
 
-def _dtype(model_config):
+def _dtype(model_config, field: str = "model.dtype"):
     if model_config.dtype not in DTYPES:
-        raise ValueError(f"unknown model.dtype {model_config.dtype!r}; known: {', '.join(DTYPES)}")
+        raise ValueError(f"unknown {field} {model_config.dtype!r}; known: {', '.join(DTYPES)}")
     return DTYPES[model_config.dtype]
 
 
-def _head_kwargs(model_config, entry=None) -> dict:
-    entry = entry or {}
-    return dict(
-        hidden=int(entry.get("head_hidden", model_config.get("head_hidden", 0))),
-        act=entry.get("head_act", model_config.get("head_act", "gelu")),
-        use_bias=bool(entry.get("head_bias", model_config.get("head_bias", False))),
-    )
-
-
 def _with_prefix(prefix: str, builder, cfg, dtype):
-    """Calls a tower builder; its ValueErrors name the config group (``model.image: pool=...``)."""
+    """Calls a tower builder; its ValueErrors name the config group (``model.image.pool=...``)."""
     try:
         return builder(cfg, dtype)
     except ValueError as e:
@@ -198,24 +154,25 @@ def _with_prefix(prefix: str, builder, cfg, dtype):
         raise ValueError(f"{prefix}.{e}") from None
 
 
+def build_image_tower(model_config, dtype) -> nn.Module:
+    """The image tower ``model.image.name`` built from ``model.image``: images ``[N, H, W, 3]``
+    float -> features ``[N, width]`` in ``dtype``. For :func:`register_model` builders."""
+    builder = _lookup(IMAGE_TOWERS, model_config.image.name, "model.image.name")
+    return _with_prefix("model.image", builder, model_config.image, dtype)
+
+
+def build_text_tower(model_config, dtype) -> nn.Module:
+    """The text tower ``model.text.name`` built from ``model.text``: tokens ``[N, L]`` int32 ->
+    features ``[N, width]`` in ``dtype``. For :func:`register_model` builders."""
+    builder = _lookup(TEXT_TOWERS, model_config.text.name, "model.text.name")
+    return _with_prefix("model.text", builder, model_config.text, dtype)
+
+
 def build_two_tower(model_config, dtype) -> TwoTower:
-    image = _with_prefix("model.image", _lookup(IMAGE_TOWERS, model_config.image.name, "model.image.name"),
-                         model_config.image, dtype)
-    text = _with_prefix("model.text", _lookup(TEXT_TOWERS, model_config.text.name, "model.text.name"),
-                        model_config.text, dtype)
-    head = _head_kwargs(model_config)
-    return TwoTower(
-        image=image,
-        text=text,
-        embed_dim=model_config.embed_dim,
-        scale_init=float(model_config.scale_init),
-        bias_init=float(model_config.bias_init),
-        max_scale=float(model_config.max_scale),
-        head=model_config.get("head", "linear"),
-        head_hidden=head["hidden"],
-        head_act=head["act"],
-        head_bias=head["use_bias"],
-        dtype=dtype,
+    """``model.name = 'two_tower'``: the image and text towers with the model-level fields."""
+    return TWO_TOWER.build(
+        model_config, dtype, group="model", known=_model_keys(),
+        image=build_image_tower(model_config, dtype), text=build_text_tower(model_config, dtype),
     )
 
 
@@ -237,7 +194,7 @@ def tower_config(model_config, name: str) -> ml_collections.ConfigDict:
     if "encoder" not in entry:
         raise ValueError(f"model.towers.{name} needs an 'encoder' (known: {', '.join(sorted(ENCODERS))})")
     _, fields = _lookup(ENCODERS, entry["encoder"], f"model.towers.{name}.encoder")
-    cfg = copy.deepcopy(fields)
+    cfg = dict(fields)
     for key, value in entry.items():
         if key in _TOWER_KEYS:
             continue
@@ -251,34 +208,72 @@ def tower_config(model_config, name: str) -> ml_collections.ConfigDict:
 
 
 def build_n_tower(model_config, dtype) -> NTower:
+    """``model.name = 'n_tower'``: one encoder + head per ``model.towers`` entry."""
     towers = []
     for name in tower_order(model_config):
         entry = model_config.towers[name]
         cfg = tower_config(model_config, name)  # validates the entry first
-        builder = ENCODERS[entry["encoder"]][0]
-        encoder = _with_prefix(f"model.towers.{name}", builder, cfg, dtype)
-        head = make_head(entry.get("head", model_config.get("head", "linear")), model_config.embed_dim,
-                         dtype=dtype, **_head_kwargs(model_config, entry))
+        encoder = _with_prefix(f"model.towers.{name}", ENCODERS[entry["encoder"]][0], cfg, dtype)
+        head = make_head(
+            entry.get("head", model_config.head), model_config.embed_dim, dtype=dtype,
+            hidden=int(entry.get("head_hidden", model_config.head_hidden)),
+            act=entry.get("head_act", model_config.head_act),
+            use_bias=bool(entry.get("head_bias", model_config.head_bias)),
+        )
         towers.append((name, encoder, head))
-    return NTower(
-        towers=tuple(towers),
-        scale_init=float(model_config.scale_init),
-        bias_init=float(model_config.bias_init),
-        max_scale=float(model_config.max_scale),
+    return build_module(NTower, model_config, group="model", known=_model_keys(), towers=tuple(towers))
+
+
+def build_distill(model_config, dtype) -> Distill:
+    """``model.name = 'distill'``: a two-tower student (``config.model``) and a teacher of any
+    kind (``model.teacher`` merged onto the defaults), see :mod:`contrastive_jax.models.distill`."""
+    student = build_two_tower(model_config, dtype)
+    tcfg = teacher_config(model_config)
+    kind = _lookup(MODELS, tcfg.name, "model.teacher.name")
+    return Distill(student=student, teacher=kind(tcfg, _dtype(tcfg, "model.teacher.dtype")))
+
+
+def _build_multiview(model_config, dtype, with_text: bool) -> MultiView:
+    return build_module(
+        MultiView, model_config, group="model", known=_model_keys(), choices=HEAD_CHOICES,
+        image=build_image_tower(model_config, dtype),
+        text=build_text_tower(model_config, dtype) if with_text else None,
+        # The views' MLP head takes the model-level hidden width.
+        view_hidden=int(model_config.head_hidden), dtype=dtype,
     )
 
 
-MODELS: dict[str, ModelBuilder] = {"two_tower": build_two_tower, "n_tower": build_n_tower}
+def build_multiview(model_config, dtype) -> MultiView:
+    """``model.name = 'multiview'``: SimCLR's image-only model (``model.image`` group)."""
+    return _build_multiview(model_config, dtype, with_text=False)
 
 
-def register_model(name: str, builder: ModelBuilder) -> None:
+def build_slip(model_config, dtype) -> MultiView:
+    """``model.name = 'slip'``: CLIP towers (``model.image``, ``model.text``) plus a view head."""
+    return _build_multiview(model_config, dtype, with_text=True)
+
+
+# Every built-in model kind, with the inputs its models take (see sample_inputs).
+MODELS: dict[str, ModelKind] = {
+    "two_tower": ModelKind(build_two_tower, ("image", "text")),
+    "n_tower": ModelKind(build_n_tower, tower_order),
+    "distill": ModelKind(build_distill, ("image", "text")),  # the student's inputs
+    "multiview": ModelKind(build_multiview, ("image_views",)),
+    "slip": ModelKind(build_slip, ("image_views", "text")),
+}
+
+
+def register_model(name: str, builder: ModelBuilder,
+                   modalities: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ("image", "text")) -> None:
     """Makes ``model.name = name`` build ``builder(config.model, dtype)``.
 
     The module it returns must follow the model contract (``modalities`` attribute, ``__call__(
     *inputs, train)`` -> dict of ``[B, D]`` embeddings + ``scale``/``bias``, ``encode(name, x,
-    train=False)``; see :mod:`contrastive_jax.models.towers`).
+    train=False)``; see :mod:`contrastive_jax.models.towers`). ``modalities``: its inputs in call
+    order (or a function of the model config), which :func:`sample_inputs` gives shapes to.
+    ``builder`` may also be a :class:`ModelKind`.
     """
-    MODELS[name] = builder
+    MODELS[name] = builder if isinstance(builder, ModelKind) else ModelKind(builder, modalities)
 
 
 def build(model_config) -> nn.Module:
@@ -288,46 +283,59 @@ def build(model_config) -> nn.Module:
       ValueError: an unknown model/tower/encoder name, field or dtype (the message names the
         field and lists the known values), or an unresolved text ``vocab_size``.
     """
-    name = model_config.get("name", "two_tower")
-    builder = _lookup(MODELS, name, "model.name")
-    return builder(model_config, _dtype(model_config))
+    kind = _lookup(MODELS, model_config.name, "model.name")
+    return kind(model_config, _dtype(model_config))
 
 
 def sample_inputs(model_config, data_config=None, batch: int = 1,
                   modalities: tuple[str, ...] | None = None) -> tuple[jax.ShapeDtypeStruct, ...]:
     """Abstract inputs (``ShapeDtypeStruct``, batch ``batch``) in the model's input order.
 
-    n_tower: each tower's ``input_shape`` / ``input_dtype`` (default float32). Other models:
-    one input per name of ``modalities`` (default ``('image', 'text')``, pass the built model's
-    ``modalities`` for registered kinds): ``image`` ``[b, S, S, 3]`` float32, ``image_views``
-    ``[b, V, S, S, 3]`` float32, ``text`` ``[b, L]`` int32, with ``S = data.image_size``,
-    ``V = data.num_views``, ``L = model.text.context_length`` or ``data.max_text_len``.
+    ``modalities``: the input names (default: those of the model kind, :attr:`ModelKind.modalities`
+    — ``('image', 'text')`` for two_tower and distill, ``('image_views',)`` for multiview,
+    ``('image_views', 'text')`` for slip, the tower order for n_tower). A name of a
+    ``model.towers`` entry takes that entry's ``input_shape`` / ``input_dtype`` (default
+    float32); the others come from ``data_config``: ``image`` ``[b, S, S, 3]`` float32,
+    ``image_views`` ``[b, V, S, S, 3]`` float32, ``text`` ``[b, L]`` int32, with ``S =
+    data.image_size`` (pixels), ``V = data.num_views``, ``L = model.text.context_length`` or
+    ``data.max_text_len`` (tokens).
+
+    Raises:
+      ValueError: an unknown model kind, a tower without ``input_shape``, a data modality
+        without ``data_config``, or a name of unknown shape.
     """
-    name = model_config.get("name", "two_tower")
-    if name == "n_tower":
-        out = []
-        for m in tower_order(model_config):
-            entry = model_config.towers[m]
+    if modalities is None:
+        kind = _lookup(MODELS, model_config.name, "model.name")
+        # A builder stored into MODELS directly (not through register_model) is image-text.
+        modalities = kind.input_names(model_config) if isinstance(kind, ModelKind) else ("image", "text")
+    towers = model_config.get("towers", None) or {}
+    out = []
+    for m in modalities:
+        if m in towers:
+            entry = towers[m]
             if "input_shape" not in entry:
                 raise ValueError(f"model.towers.{m}.input_shape is needed to build sample inputs")
             out.append(jax.ShapeDtypeStruct((batch,) + tuple(entry["input_shape"]),
                                             jnp.dtype(entry.get("input_dtype", "float32"))))
-        return tuple(out)
+        else:
+            out.append(_data_input(model_config, data_config, batch, m))
+    return tuple(out)
+
+
+def _data_input(model_config, data_config, batch: int, modality: str) -> jax.ShapeDtypeStruct:
+    """The shape of a batch key the data pipeline produces (``image``, ``image_views``, ``text``)."""
+    name = model_config.name
     if data_config is None:
         raise ValueError(f"sample_inputs of a {name!r} model needs config.data (image_size, max_text_len)")
     size = int(data_config.image_size)
-    out = []
-    for m in modalities or ("image", "text"):
-        if m == "image":
-            out.append(jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32))
-        elif m == "image_views":
-            views = int(data_config.get("num_views", 2))
-            out.append(jax.ShapeDtypeStruct((batch, max(views, 1), size, size, 3), jnp.float32))
-        elif m == "text":
-            text_cfg = model_config.get("text", None)
-            ctx = int(text_cfg.get("context_length", 0) or 0) if text_cfg is not None else 0
-            out.append(jax.ShapeDtypeStruct((batch, ctx or int(data_config.max_text_len)), jnp.int32))
-        else:
-            raise ValueError(f"sample_inputs does not know the input shape of modality {m!r} "
-                             f"(model.name {name!r})")
-    return tuple(out)
+    if modality == "image":
+        return jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    if modality == "image_views":
+        views = int(data_config.get("num_views", 2))
+        return jax.ShapeDtypeStruct((batch, max(views, 1), size, size, 3), jnp.float32)
+    if modality == "text":
+        text_cfg = model_config.get("text", None)
+        ctx = int(text_cfg.get("context_length", 0) or 0) if text_cfg is not None else 0
+        return jax.ShapeDtypeStruct((batch, ctx or int(data_config.max_text_len)), jnp.int32)
+    raise ValueError(f"sample_inputs does not know the input shape of modality {modality!r} "
+                     f"(model.name {name!r})")

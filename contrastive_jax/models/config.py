@@ -1,21 +1,41 @@
-"""Schema of ``config.model``: the towers, heads and the learnable scale/bias.
+"""Schema of ``config.model``: the model kind, the towers, the heads and the learnable scale/bias.
 
 Merged into the run schema by :func:`contrastive_jax.train.config.default_config` as
 ``config.model``; this package owns these fields.
 
-Two model kinds are built in (``model.name``); more can be added with
-``models.register_model``:
+Where the defaults live: a config group holds the fields of the module class that consumes it,
+and its defaults are that class's dataclass defaults (read through
+:class:`~contrastive_jax.models.schema.ModuleSchema`; each field is documented in its class):
 
-- ``'two_tower'`` (CLIP / SigLIP / LiT): ``model.image`` and ``model.text`` groups below.
+- the model-level ``embed_dim``, ``scale_init``, ``bias_init``, ``max_scale``, ``head``,
+  ``head_hidden``, ``head_act``, ``head_bias``: :class:`~contrastive_jax.models.towers.TwoTower`
+  (:data:`TWO_TOWER`);
+- ``model.image``: :class:`~contrastive_jax.models.vit.VisionTransformer` (:data:`VIT`); with
+  ``model.image.name = 'resnet'`` only ``depth`` (18/34/50/101/152) and ``width`` are read
+  (:class:`~contrastive_jax.models.resnet.ResNet`);
+- ``model.text``: :class:`~contrastive_jax.models.text.TextTransformer` (:data:`TEXT`).
+
+The schemas below state run defaults only for the fields their module requires (a ViT's width,
+a text tower's vocabulary size); :func:`defaults` states only the fields no module has. A key
+that is none of these is an error at build time naming it (``model.image.<key>``).
+
+Model kinds (``model.name``, the keys of ``models.MODELS``; more with ``models.register_model``):
+
+- ``'two_tower'`` (CLIP / SigLIP / LiT): ``model.image`` and ``model.text``.
+- ``'multiview'`` (SimCLR): ``model.image`` and an MLP head on every view; ``'slip'`` (SLIP):
+  both towers plus that view head (:mod:`contrastive_jax.models.multiview`).
+- ``'distill'``: this config is the two-tower student, ``model.teacher`` the teacher
+  (:mod:`contrastive_jax.models.distill`).
 - ``'n_tower'``: one encoder per modality, described in the free-form group ``model.towers``;
   ``model.modalities`` gives their order (the order of the model's inputs and of the batch keys
   it consumes; empty: sorted tower names). Each tower entry names its encoder kind (a key of
-  ``models.ENCODERS``) and sets that encoder's fields (unknown fields are an error naming
-  ``model.towers.<name>.<field>``; omitted ones take the encoder's defaults, see
-  ``models.encoder_defaults(kind)``), plus optional ``head`` / ``head_hidden`` /
-  ``head_act`` / ``head_bias`` (default: the model-level ones) and ``input_shape`` (the
-  per-example input shape, used by ``contrastive-jax inspect`` and for initialization) and
-  ``input_dtype``. Example (three modalities, as a Symile config would use)::
+  ``models.ENCODERS``: ``vit`` :data:`VIT`, ``resnet`` :data:`RESNET`, ``transformer``
+  :data:`TEXT`, ``signal`` :data:`SIGNAL`, ``mlp`` :data:`MLP`) and sets that encoder's fields
+  (unknown fields are an error naming ``model.towers.<name>.<field>``; omitted ones take the
+  encoder's defaults, see ``models.encoder_defaults(kind)``), plus optional ``head`` /
+  ``head_hidden`` / ``head_act`` / ``head_bias`` (default: the model-level ones) and
+  ``input_shape`` (the per-example input shape, used by ``contrastive-jax inspect`` and for
+  initialization) and ``input_dtype``. Example (three modalities, as a Symile config would use)::
 
       c.model.name = "n_tower"
       c.model.modalities = ("image", "audio", "tabular")
@@ -29,71 +49,74 @@ Two model kinds are built in (``model.name``); more can be added with
 """
 from __future__ import annotations
 
-import math
-
 import ml_collections
+
+from contrastive_jax.models import generic
+from contrastive_jax.models import text as text_lib
+from contrastive_jax.models import vit as vit_lib
+from contrastive_jax.models.generic import MlpEncoder, SignalTransformer
+from contrastive_jax.models.layers import ACTIVATIONS, REMAT_POLICIES
+from contrastive_jax.models.resnet import RESNET_DEPTHS, ResNet
+from contrastive_jax.models.schema import ModuleSchema
+from contrastive_jax.models.text import TextTransformer
+from contrastive_jax.models.towers import HEAD_TYPES, TwoTower
+from contrastive_jax.models.vit import VisionTransformer
+
+# Enumerated fields shared by the transformer towers.
+_BLOCK_CHOICES = dict(act=tuple(ACTIVATIONS), remat=REMAT_POLICIES)
+# The model-level head fields, read by every built-in model kind.
+HEAD_CHOICES = dict(head=HEAD_TYPES, head_act=tuple(ACTIVATIONS))
+
+TWO_TOWER = ModuleSchema(TwoTower, required=dict(embed_dim=128), choices=HEAD_CHOICES,
+                         builder_fields=("image", "text", "dtype"))
+VIT = ModuleSchema(
+    VisionTransformer,
+    required=dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512),
+    choices=dict(pool=vit_lib.POOL_TYPES, posemb=vit_lib.POSEMB_TYPES, stem=vit_lib.STEM_TYPES, **_BLOCK_CHOICES),
+)
+TEXT = ModuleSchema(
+    TextTransformer,
+    # vocab_size -1: resolved from the tokenizer by the trainer before the model is built.
+    required=dict(vocab_size=-1, width=128, depth=2, num_heads=4, mlp_dim=512),
+    choices=dict(pool=text_lib.POOL_TYPES, **_BLOCK_CHOICES),
+    checks=dict(vocab_size=(lambda v: v > 0, "set it (or resolve -1 from the tokenizer's vocabulary size) "
+                                             "before building the model")),
+)
+RESNET = ModuleSchema(ResNet, choices=dict(depth=tuple(RESNET_DEPTHS)))
+SIGNAL = ModuleSchema(
+    SignalTransformer,
+    required=dict(patch_size=16, width=128, depth=2, num_heads=4, mlp_dim=512),
+    choices=dict(pool=generic.POOL_TYPES, **_BLOCK_CHOICES),
+)
+MLP = ModuleSchema(MlpEncoder, required=dict(width=128), choices=dict(act=tuple(ACTIVATIONS)))
+
+# Keys of model.image / model.text that are not module fields: the registry name of the tower
+# and a free-form group for registered towers' own settings.
+GROUP_KEYS = ("name", "extra")
+
+
+def _tower_group(name: str, schema: ModuleSchema) -> ml_collections.ConfigDict:
+    group = ml_collections.ConfigDict()
+    group.name = name  # a key of models.IMAGE_TOWERS / models.TEXT_TOWERS
+    for key, value in schema.defaults().items():
+        group[key] = value
+    group.extra = ml_collections.ConfigDict()
+    return group
 
 
 def defaults() -> ml_collections.ConfigDict:
-    """Every ``config.model`` field with its default."""
+    """Every ``config.model`` field with its default (a fresh ConfigDict on every call)."""
     c = ml_collections.ConfigDict()
-    c.name = "two_tower"  # 'two_tower' | 'n_tower' | a name given to models.register_model
-    c.embed_dim = 128  # shared embedding dimension
-    c.scale_init = math.log(1 / 0.07)  # CLIP: log(1/0.07); SigLIP: log(10)
-    c.bias_init = 0.0  # SigLIP: -10
-    c.max_scale = 100.0  # exp(log_scale) is clamped here, as CLIP clamps at 100
+    c.name = "two_tower"  # a key of models.MODELS: two_tower | n_tower | distill | multiview | slip
+    for key, value in TWO_TOWER.defaults().items():
+        c[key] = value
     c.dtype = "float32"  # compute dtype ('float32' | 'bfloat16'); params and outputs stay float32
     # Matryoshka prefixes (Kusupati et al.): nested leading-dim sizes of the embedding that are
     # trained and evaluated as embeddings of their own (each re-normalized). () = none. Read by the
     # loss (config.loss) and by evaluation.
     c.matryoshka_dims = ()
-    # Projection heads from each tower's width to embed_dim: 'linear' (CLIP) | 'mlp' (two layers,
-    # SimCLR-style); head_hidden: the MLP's hidden width (0 = the tower's width); head_act: its
-    # activation; head_bias: whether head layers have biases (CLIP: none).
-    c.head = "linear"
-    c.head_hidden = 0
-    c.head_act = "gelu"
-    c.head_bias = False
-
-    c.image = ml_collections.ConfigDict()
-    c.image.name = "vit"  # 'vit' | 'resnet' (resnet reads only depth (18/34/50/101/152) and width)
-    c.image.patch_size = 8
-    c.image.width = 128
-    c.image.depth = 4
-    c.image.num_heads = 4
-    c.image.mlp_dim = 512
-    c.image.pool = "gap"  # 'gap' | 'cls' | 'map' (multihead attention pooling)
-    c.image.posemb = "learn"  # 'learn' | 'sincos2d' (fixed)
-    c.image.stem = "patch"  # 'patch' (linear p x p) | 'conv' (3x3 stride-2 convs)
-    c.image.act = "gelu"  # 'gelu' (tanh approx.) | 'gelu_exact' | 'quick_gelu' (OpenAI CLIP) | 'relu'
-    c.image.patch_bias = True  # bias in the patch projection (OpenAI CLIP: False)
-    c.image.norm_pre = False  # LayerNorm before the encoder (OpenAI CLIP's ln_pre: True)
-    c.image.cls_posemb = False  # pool='cls': the class token gets a learned position (OpenAI CLIP)
-    c.image.patch_dropout = 0.0  # FLIP: fraction of patch tokens dropped at train time
-    c.image.remat = "none"  # 'none' | 'full' | 'dots_saveable': recompute blocks in the backward
-    c.image.scan = False  # nn.scan over the encoder blocks (stacked params, one compiled block)
-    c.image.norm_eps = 1e-6  # LayerNorm epsilon (big_vision 1e-6; PyTorch / OpenAI CLIP 1e-5)
-    c.image.extra = ml_collections.ConfigDict()
-
-    c.text = ml_collections.ConfigDict()
-    c.text.name = "transformer"
-    c.text.vocab_size = -1  # -1: taken from the tokenizer
-    c.text.context_length = 0  # rows of the position embedding; 0: the text length seen at init
-    c.text.width = 128
-    c.text.depth = 2
-    c.text.num_heads = 4
-    c.text.mlp_dim = 512
-    c.text.causal = True  # CLIP: causal, pooled at EOS; SigLIP: bidirectional, pool 'last'/'map'
-    c.text.pool = "eos"  # 'eos' | 'last' | 'map'
-    c.text.act = "gelu"
-    c.text.remat = "none"
-    c.text.scan = False
-    c.text.norm_eps = 1e-6
-    # -1: pad id 0 marks padding and EOS is the last non-pad token; >= 0: pool at the first token
-    # with this id, everything before it is text (OpenAI CLIP: 49407, since its id 0 is '!').
-    c.text.eos_id = -1
-    c.text.extra = ml_collections.ConfigDict()
-
+    c.image = _tower_group("vit", VIT)
+    c.text = _tower_group("transformer", TEXT)
     # n_tower only: order of the modalities (empty: sorted names of model.towers) and the
     # free-form tower descriptions (see the module docstring).
     c.modalities = ()

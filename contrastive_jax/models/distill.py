@@ -9,18 +9,16 @@ loaded from). Both see the same batch; the outputs are the student's plus ``teac
 reads. Parameters live under ``student/`` and ``teacher/``; a run freezes the teacher
 (``optim.freeze=('teacher/.*',)``: no optimizer state, no backward pass) and loads it with
 ``checkpoint.init_from=TEACHER_WORKDIR`` + ``checkpoint.init_into='teacher'``. Evaluation encodes
-with the student. Example: ``configs/distill.py``.
+with the student. Example: ``configs/distill.py``. Built from config by ``models.build``
+(``build_distill`` in :mod:`contrastive_jax.models.build`).
 """
 from __future__ import annotations
-
-import copy
 
 import flax.linen as nn
 import jax
 import ml_collections
 
 from contrastive_jax.models import config as model_config_lib
-from contrastive_jax.models.build import MODELS, _dtype, _lookup, register_model
 
 
 class Distill(nn.Module):
@@ -52,10 +50,17 @@ class Distill(nn.Module):
         return self.student.encode_text(texts, train=train)
 
 
-def _merged(base: ml_collections.ConfigDict, update) -> ml_collections.ConfigDict:
+# Groups of config.model whose keys are free-form (merged as given, never rejected).
+_FREE_FORM = ("extra", "towers", "teacher")
+
+
+def _merged(base: ml_collections.ConfigDict, update, path: str = "model.teacher",
+            free: bool = False) -> ml_collections.ConfigDict:
     for key, value in update.items():
+        if not free and key not in base:
+            raise ValueError(f"{path}.{key}: unknown field; known: {', '.join(sorted(base.keys()))}")
         if key in base and isinstance(base[key], ml_collections.ConfigDict) and hasattr(value, "items"):
-            _merged(base[key], value)
+            _merged(base[key], value, f"{path}.{key}", free or key in _FREE_FORM)
         else:
             with base.unlocked():
                 base[key] = value
@@ -63,20 +68,12 @@ def _merged(base: ml_collections.ConfigDict, update) -> ml_collections.ConfigDic
 
 
 def teacher_config(model_config) -> ml_collections.ConfigDict:
-    """``config.model.teacher`` merged onto the model defaults (the teacher's full model config)."""
+    """``config.model.teacher`` merged onto the model defaults (the teacher's full model config).
+
+    Raises:
+      ValueError: no teacher, or a teacher key that is not a ``config.model`` field (named as
+        ``model.teacher.<key>``).
+    """
     if "teacher" not in model_config or not model_config.teacher:
         raise ValueError("model.name='distill' needs model.teacher: the teacher's model config")
     return _merged(model_config_lib.defaults(), model_config.teacher)
-
-
-def build_distill(model_config, dtype) -> Distill:
-    student_config = copy.deepcopy(model_config)
-    with student_config.unlocked():
-        student_config.name = "two_tower"
-    student = MODELS["two_tower"](student_config, dtype)
-    tcfg = teacher_config(model_config)
-    teacher = _lookup(MODELS, tcfg.get("name", "two_tower"), "model.teacher.name")(tcfg, _dtype(tcfg))
-    return Distill(student=student, teacher=teacher)
-
-
-register_model("distill", build_distill)

@@ -9,8 +9,8 @@
   a linear stem to ``width`` then ``depth`` pre-norm residual MLP blocks and a final LayerNorm.
   ``depth=0`` is a linear stem + LayerNorm.
 
-Both return ``[B, width]`` in ``dtype`` and are registered as the encoders ``signal`` and ``mlp``
-for the N-tower model (see :mod:`contrastive_jax.models.build`).
+Both return ``[B, width]`` in ``dtype`` and are the encoders ``signal`` and ``mlp`` of the
+N-tower model (``models.ENCODERS``, see :mod:`contrastive_jax.models.build`).
 """
 from __future__ import annotations
 
@@ -28,6 +28,14 @@ class SignalTransformer(nn.Module):
 
     Params: ``patch_embed/{kernel [patch_size * C, W], bias [W]}``, ``pos_embedding [T / patch_size
     (+1 for cls), W]`` (fixed by the length seen at init), ``cls [W]``, ``encoder/...``, ``map/...``.
+
+    Attributes (the fields of an N-tower entry with ``encoder='signal'``; defaults of the
+    required ones in ``models/config.py``):
+      patch_size: time steps per patch (``T`` must be a multiple of it).
+      width: token width ``W``, the output feature size. depth: number of encoder blocks.
+      num_heads: attention heads. mlp_dim: hidden width of each block's MLP.
+      pool: ``'gap'`` | ``'cls'`` | ``'map'``. act / remat / scan: as the ViT's.
+      dtype: compute dtype (params stay float32).
     """
 
     patch_size: int
@@ -80,6 +88,11 @@ class MlpEncoder(nn.Module):
     ``x + MLP(LN(x))`` blocks, final LayerNorm.
 
     Params: ``stem/{kernel [F, W], bias}``, ``block_{i}/{norm, mlp/fc1, mlp/fc2}``, ``norm``.
+
+    Attributes (the fields of an N-tower entry with ``encoder='mlp'``):
+      width: ``W``, the output feature size. depth: residual blocks (0: stem + LayerNorm).
+      mlp_dim: hidden width of each block (0: ``4 * width``). act: the blocks' activation.
+      dtype: compute dtype (params stay float32).
     """
 
     width: int

@@ -11,7 +11,9 @@ the views; ``modalities = ('image_views', 'text')``; the CLIP image embedding is
 the CLIP head. Outputs ``image``, ``text`` ``[B, D]`` and ``image_views`` ``[B, V, D]``.
 
 Both follow the model contract of :mod:`contrastive_jax.models.towers` (``encode(name, x)``:
-``'image'`` embeds plain images ``[B, H, W, 3]`` through the head used for evaluation).
+``'image'`` embeds plain images ``[B, H, W, 3]`` through the head used for evaluation). Both are
+built from config by ``models.build`` (``build_multiview`` / ``build_slip`` in
+:mod:`contrastive_jax.models.build`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from contrastive_jax.models.build import IMAGE_TOWERS, TEXT_TOWERS, _head_kwargs, _lookup, register_model
 from contrastive_jax.models.layers import l2_normalize
 from contrastive_jax.models.towers import MlpHead, _ScaleBias, make_head
 
@@ -91,32 +92,3 @@ class MultiView(_ScaleBias):
             out["text"] = l2_normalize(self.text_proj(self.text(text, train=train)))
         out["scale"], out["bias"] = self.scale_and_bias()
         return out
-
-
-def _build(model_config, dtype, with_text: bool) -> MultiView:
-    image = _lookup(IMAGE_TOWERS, model_config.image.name, "model.image.name")(model_config.image, dtype)
-    text = None
-    if with_text:
-        text = _lookup(TEXT_TOWERS, model_config.text.name, "model.text.name")(model_config.text, dtype)
-    head = _head_kwargs(model_config)
-    return MultiView(
-        image=image, text=text, embed_dim=int(model_config.embed_dim),
-        view_hidden=int(model_config.get("head_hidden", 0)),
-        scale_init=float(model_config.scale_init), bias_init=float(model_config.bias_init),
-        max_scale=float(model_config.max_scale), head=model_config.get("head", "linear"),
-        head_hidden=head["hidden"], head_act=head["act"], head_bias=head["use_bias"], dtype=dtype,
-    )
-
-
-def build_multiview(model_config, dtype) -> MultiView:
-    """``model.name = 'multiview'``: SimCLR's image-only model (``model.image`` group)."""
-    return _build(model_config, dtype, with_text=False)
-
-
-def build_slip(model_config, dtype) -> MultiView:
-    """``model.name = 'slip'``: CLIP towers (``model.image``, ``model.text``) plus a view head."""
-    return _build(model_config, dtype, with_text=True)
-
-
-register_model("multiview", build_multiview)
-register_model("slip", build_slip)

@@ -90,6 +90,12 @@ class ResNet(nn.Module):
     network: 512 / 2048 features).
 
     Params: ``stem_conv [7, 7, C, width]``, ``stem_norm``, ``stage{s}_block{b}/...``.
+
+    Attributes (read from ``model.image`` with ``name='resnet'``, or an N-tower entry with
+    ``encoder='resnet'``):
+      depth: 18 | 34 | 50 | 101 | 152 (:data:`RESNET_DEPTHS`).
+      width: channels of the first stage (64: the standard network; later stages double it).
+      dtype: compute dtype (params stay float32).
     """
 
     depth: int = 50

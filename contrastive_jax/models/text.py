@@ -40,6 +40,24 @@ class TextTransformer(nn.Module):
 
     ``eos_id``: -1 (pad id 0 marks padding, EOS is the last non-pad token) or the EOS token's id
     (see the module docstring). ``norm_eps``: every LayerNorm's epsilon (PyTorch uses 1e-5).
+
+    These fields are the config group ``model.text`` (``models/config.py``: their defaults here
+    are the run's defaults; the required ones get theirs there; ``context_length=None`` is ``0``
+    in a config).
+
+    Attributes:
+      vocab_size: rows of the token embedding (config ``-1``: the tokenizer's size, filled in by
+        the trainer before the model is built).
+      width: token width ``W``, the output feature size. depth: number of encoder blocks.
+      num_heads: attention heads (divide ``width``). mlp_dim: hidden width of each block's MLP.
+      causal: causal attention (CLIP, pooled at EOS) or bidirectional (SigLIP, pool
+        ``'last'`` / ``'map'``).
+      context_length: rows of the position embedding in tokens; None: the text length at init.
+      pool: ``'eos'`` | ``'last'`` | ``'map'`` (see the module docstring).
+      act / remat / scan / norm_eps: as :class:`~contrastive_jax.models.vit.VisionTransformer`.
+      eos_id: -1 (pad id 0 marks padding, EOS is the last non-pad token) or the id of the EOS
+        token, pooled at its first occurrence (OpenAI CLIP: 49407, since its id 0 is ``!``).
+      dtype: compute dtype (params stay float32); set from ``model.dtype``.
     """
 
     vocab_size: int

@@ -89,15 +89,21 @@ class _ScaleBias(nn.Module):
 class TwoTower(_ScaleBias):
     """CLIP-style two-tower model; ``modalities = ('image', 'text')``.
 
+    The fields other than the towers and ``dtype`` are the model-level fields of ``config.model``
+    (``models/config.py``); their defaults here are the run's defaults.
+
     Attributes:
       image: image tower module, ``[B, H, W, 3] -> [B, image_width]``.
       text: text tower module, ``[B, L] int32 -> [B, text_width]``.
       embed_dim: shared embedding dimension ``D``.
-      scale_init: initial ``log_scale`` (CLIP: log(1/0.07); SigLIP: log(10)).
-      bias_init: initial ``bias`` (CLIP: 0, unused by its loss; SigLIP: -10).
-      max_scale: the output scale is ``exp(min(log_scale, log(max_scale)))``.
-      head / head_hidden / head_act / head_bias: projection heads (see :func:`make_head`).
-      dtype: compute dtype of the heads (the towers carry their own).
+      scale_init: initial ``log_scale``, the log of the logit scale (CLIP: log(1/0.07); SigLIP:
+        log(10)).
+      bias_init: initial ``bias`` added to the logits (CLIP: 0, unused by its loss; SigLIP: -10).
+      max_scale: the output scale is ``exp(min(log_scale, log(max_scale)))`` (CLIP clamps at 100).
+      head: projection heads ``'linear'`` (CLIP) | ``'mlp'`` (two layers, SimCLR-style), see
+        :func:`make_head`. head_hidden: the MLP head's hidden width (0: the tower's width).
+        head_act: its activation. head_bias: whether head layers have biases (CLIP: none).
+      dtype: compute dtype of the heads (the towers carry their own); from ``model.dtype``.
     """
 
     image: nn.Module

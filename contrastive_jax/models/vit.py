@@ -103,6 +103,30 @@ class VisionTransformer(nn.Module):
     at random (rng stream ``'dropout'``); at ``train=False`` all tokens are used.
 
     ``norm_eps``: every LayerNorm's epsilon (1e-6; checkpoints converted from PyTorch use 1e-5).
+
+    These fields are the config group ``model.image`` (``models/config.py``: their defaults
+    here are the run's defaults; the required ones get theirs there).
+
+    Attributes:
+      patch_size: side of a square patch in pixels (image sides must be multiples of it).
+      width: token width ``W``, the output feature size.
+      depth: number of encoder blocks. num_heads: attention heads (divide ``width``).
+      mlp_dim: hidden width of each block's MLP.
+      pool: ``'gap'`` (mean of the tokens) | ``'cls'`` (a class token) | ``'map'`` (multihead
+        attention pooling).
+      posemb: ``'learn'`` | ``'sincos2d'`` (fixed, no parameter).
+      stem: ``'patch'`` (linear p x p) | ``'conv'`` (3x3 stride-2 convolutions).
+      act: ``'gelu'`` (tanh approximation) | ``'gelu_exact'`` | ``'quick_gelu'`` (OpenAI CLIP) |
+        ``'relu'`` (:data:`~contrastive_jax.models.layers.ACTIVATIONS`).
+      patch_bias: bias in the patch projection (OpenAI CLIP: False).
+      norm_pre: a LayerNorm before the encoder (OpenAI CLIP's ``ln_pre``: True).
+      cls_posemb: with ``pool='cls'``, the class token gets a learned position (OpenAI CLIP).
+      patch_dropout: FLIP: fraction in [0, 1) of the patch tokens dropped at train time.
+      remat: ``'none'`` | ``'full'`` | ``'dots_saveable'``: what the backward pass recomputes.
+      scan: ``nn.scan`` over the blocks (params stacked on a leading ``layers`` axis, one
+        compiled block).
+      norm_eps: LayerNorm epsilon (big_vision 1e-6; PyTorch / OpenAI CLIP 1e-5).
+      dtype: compute dtype (params stay float32); set from ``model.dtype``.
     """
 
     patch_size: int

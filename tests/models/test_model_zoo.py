@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from contrastive_jax import models, parallel
 from contrastive_jax.train.config import default_config, load_config
@@ -124,6 +124,9 @@ MESHES = {
 }
 
 
+# Also holds what test_models.py's former data-parallel test_sharded_forward_matches_single_device
+# checked (inputs really split over 8 devices, outputs batch-sharded, scale/bias replicated, and
+# its tighter tolerance for the pure data-parallel case).
 @pytest.mark.parametrize("mode", list(MESHES))
 def test_sharded_forward_matches_single_device(reference, mode):
     cfg, boxed, params, want = reference
@@ -144,13 +147,17 @@ def test_sharded_forward_matches_single_device(reference, mode):
         assert q == P(None, "model", None) and fc1 == P(None, "model")
     model = models.build(cfg)
     batch_sh = parallel.batch_sharding(mesh, sharding_cfg.batch_axes)
-    images, texts = tiny_inputs()
+    replicated = NamedSharding(mesh, P())
+    images, texts = (jax.device_put(x, batch_sh) for x in tiny_inputs())
+    assert len(images.sharding.device_set) == 8 and len(texts.sharding.device_set) == 8
     fn = jax.jit(parallel.with_activation_rules(lambda p, i, t: model.apply({"params": p}, i, t), sharding_cfg, mesh),
-                 in_shardings=(shardings, batch_sh, batch_sh))
+                 in_shardings=(shardings, batch_sh, batch_sh),
+                 out_shardings=dict(image=batch_sh, text=batch_sh, scale=replicated, bias=replicated))
     got = fn(jax.device_put(params, shardings), images, texts)
     assert got["image"].sharding.mesh.size == 8 or len(got["image"].sharding.device_set) == 8
+    atol = 1e-5 if mode == "data" else 2e-5
     for k in ("image", "text", "scale", "bias"):
-        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=2e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=atol, rtol=0)
 
 
 def test_activation_constraints_are_applied():
@@ -308,19 +315,60 @@ def test_register_model_and_encoder():
             return jnp.broadcast_to(self.param("v", nn.initializers.ones, (self.width,)), (x.shape[0], self.width))
 
     models.register_encoder("constant_test", lambda cfg, dtype: Constant(cfg.width), dict(width=4))
-    cfg = default_config().model
-    cfg.name = "n_tower"
-    cfg.embed_dim = 4
-    cfg.towers = ml_collections.ConfigDict(dict(a=dict(encoder="constant_test", width=3, input_shape=(2,))))
-    m = models.build(cfg)
-    out = m.init_with_output(jax.random.key(0), jnp.zeros((2, 2)))[0]
-    assert out["a"].shape == (2, 4)
-    models.register_model("alias_test", lambda c, dtype: models.build(cfg))
-    cfg2 = copy.deepcopy(cfg)
-    cfg2.name = "alias_test"
-    assert models.build(cfg2).modalities == ("a",)
-    models.ENCODERS.pop("constant_test")
-    models.MODELS.pop("alias_test")
+    try:
+        cfg = default_config().model
+        cfg.name = "n_tower"
+        cfg.embed_dim = 4
+        cfg.towers = ml_collections.ConfigDict(dict(a=dict(encoder="constant_test", width=3, input_shape=(2,))))
+        m = models.build(cfg)
+        out = m.init_with_output(jax.random.key(0), jnp.zeros((2, 2)))[0]
+        assert out["a"].shape == (2, 4)
+        models.register_model("alias_test", lambda c, dtype: models.build(cfg))
+        cfg2 = copy.deepcopy(cfg)
+        cfg2.name = "alias_test"
+        assert models.build(cfg2).modalities == ("a",)
+        # A kind registered without its inputs is taken to be image-text; with them, sample_inputs
+        # gives their shapes (here a tower's input_shape) without being told the modalities.
+        assert models.MODELS["alias_test"].input_names(cfg2) == ("image", "text")
+        models.register_model("alias_test", lambda c, dtype: models.build(cfg), modalities=("a",))
+        assert models.MODELS["alias_test"](cfg2, jnp.float32).modalities == ("a",)
+        assert models.sample_inputs(cfg2, batch=3) == (jax.ShapeDtypeStruct((3, 2), jnp.float32),)
+        # A bare builder stored into MODELS directly still builds, and is taken to be image-text.
+        models.MODELS["alias_test"] = lambda c, dtype: models.build(cfg)
+        assert models.build(cfg2).modalities == ("a",)
+        data = default_config().data
+        want = [(1, data.image_size, data.image_size, 3), (1, data.max_text_len)]
+        assert [s.shape for s in models.sample_inputs(cfg2, data)] == want
+    finally:  # leave the registries as the other tests expect them, whatever happened above
+        models.ENCODERS.pop("constant_test")
+        models.MODELS.pop("alias_test", None)
+
+
+def test_register_encoder_from_module_schema():
+    """The documented way to add an encoder: a ModuleSchema of the module class gives both the
+    builder and the defaults, so entries are checked against the class's fields."""
+    class Scaled(nn.Module):
+        width: int
+        scale: float = 2.0
+
+        @nn.compact
+        def __call__(self, x, *, train=False):
+            return self.scale * nn.Dense(self.width, use_bias=False)(x)
+
+    schema = models.ModuleSchema(Scaled, required=dict(width=4))
+    assert schema.defaults() == dict(width=4, scale=2.0)
+    models.register_encoder("scaled_test", schema.build, schema.defaults())
+    try:
+        cfg = default_config().model
+        cfg.name = "n_tower"
+        cfg.towers = ml_collections.ConfigDict(dict(a=dict(encoder="scaled_test", scale=3, input_shape=(2,))))
+        model = models.build(cfg)
+        assert model.towers[0][1] == Scaled(width=4, scale=3.0)
+        cfg.towers = ml_collections.ConfigDict(dict(a=dict(encoder="scaled_test", scale="big", input_shape=(2,))))
+        with pytest.raises(ValueError, match=r"^model\.towers\.a\.scale='big' is not a number$"):
+            models.build(cfg)
+    finally:
+        models.ENCODERS.pop("scaled_test")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -440,12 +488,3 @@ def test_inspect_command_prints_published_counts(capsys):
     assert 26.0e9 < out["towers"]["image"]["train_flops_per_example"] < 27.0e9
     assert cli.main(["inspect", "--config", os.path.join(ROOT, "configs", "clip.py") + ":vit_b32",
                      "--config.model.nope=1"]) == 2
-
-
-@pytest.mark.parametrize("group, field, value", [("image", "pool", "bogus"), ("text", "act", "swish"),
-                                                 ("image", "remat", "some"), ("text", "pool", "cls")])
-def test_bad_enumerated_fields_fail_at_build_naming_the_field(group, field, value):
-    cfg = tiny_cfg()
-    cfg[group][field] = value
-    with pytest.raises(ValueError, match=rf"model\.{group}\.{field}='{value}'; known"):
-        models.build(cfg)

@@ -1,4 +1,5 @@
 """Tests for contrastive_jax.models: shapes, normalization, scale/bias, pooling, axes, sharding."""
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -6,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from contrastive_jax import models
 from contrastive_jax.train.config import default_config
@@ -229,27 +230,9 @@ def test_boxed_and_unboxed_params_agree(fp32, fp32_variables, apply_fn):
     np.testing.assert_allclose(a["text"], b["text"], atol=1e-6)
 
 
-def test_sharded_forward_matches_single_device(fp32):
-    model, params = fp32
-    images, texts = sample_inputs(seed=4, batch=16)
-    single = jax.jit(model.apply)({"params": params}, images, texts)
-
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P("data"))
-    sharded_params = jax.device_put(params, replicated)
-    images_s = jax.device_put(images, batch_sharding)
-    texts_s = jax.device_put(texts, batch_sharding)
-    assert len(images_s.sharding.device_set) == 8
-    out = jax.jit(
-        model.apply,
-        in_shardings=(replicated, batch_sharding, batch_sharding),
-        out_shardings=dict(image=batch_sharding, text=batch_sharding, scale=replicated, bias=replicated),
-    )({"params": sharded_params}, images_s, texts_s)
-    for key in ("image", "text", "scale", "bias"):
-        np.testing.assert_allclose(np.asarray(out[key]), np.asarray(single[key]), atol=1e-5, rtol=0)
-
-
+# Every build-time config error names the field (its dotted path) and, for names and enumerated
+# fields, lists the known values. (Merged with test_model_zoo's former
+# test_bad_enumerated_fields_fail_at_build_naming_the_field: its cases are the enumerated ones.)
 @pytest.mark.parametrize(
     "overrides, pattern",
     [
@@ -259,6 +242,24 @@ def test_sharded_forward_matches_single_device(fp32):
         ({"text.name": "gpt"}, r"model.text.name 'gpt'.*known: transformer"),
         ({"dtype": "float16"}, r"model.dtype 'float16'"),
         ({"text.vocab_size": -1}, r"vocab_size"),
+        ({"text.vocab_size": -1}, r"^model\.text\.vocab_size is -1; set it"),
+        # Enumerated fields fail at build time, before anything compiles.
+        ({"image.pool": "bogus"}, r"model\.image\.pool='bogus'; known"),
+        ({"text.act": "swish"}, r"model\.text\.act='swish'; known"),
+        ({"image.remat": "some"}, r"model\.image\.remat='some'; known"),
+        ({"text.pool": "cls"}, r"model\.text\.pool='cls'; known"),
+        ({"image.pool": "avg"}, r"model\.image\.pool='avg'; known: gap, cls, map$"),
+        ({"image.posemb": "rope"}, r"model\.image\.posemb='rope'; known: learn, sincos2d$"),
+        ({"image.stem": "conv7"}, r"model\.image\.stem='conv7'; known: patch, conv$"),
+        ({"image.act": "swish"}, r"model\.image\.act='swish'; known: gelu, gelu_exact, quick_gelu, relu$"),
+        ({"text.remat": "all"}, r"model\.text\.remat='all'; known: none, full, dots_saveable$"),
+        ({"head": "deep"}, r"model\.head='deep'; known: linear, mlp$"),
+        ({"image.name": "resnet"}, r"model\.image\.depth=2; known: 18, 34, 50, 101, 152$"),
+        # Unknown keys in a group are rejected, naming the key.
+        ({"image.pach_size": 4}, r"^model\.image\.pach_size: unknown field of VisionTransformer; known: .*patch_size"),
+        ({"text.causual": False}, r"^model\.text\.causual: unknown field of TextTransformer"),
+        ({"image.name": "resnet", "image.pach_size": 4}, r"^model\.image\.pach_size: unknown field of ResNet"),
+        ({"embed_dims": 8}, r"^model\.embed_dims: unknown field of TwoTower; known: .*embed_dim"),
     ],
 )
 def test_build_errors_clearly(overrides, pattern):
@@ -305,3 +306,209 @@ def test_vit_stem_and_posemb_options(stem, posemb):
     # The position embedding makes the tower position-aware: a shifted image gives other features.
     shifted = jnp.roll(images, 8, axis=2)
     assert not np.allclose(np.asarray(vit.apply(variables, shifted)), np.asarray(out), atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registries and schemas: every built-in kind listed once, defaults in one place, config checks
+# ---------------------------------------------------------------------------------------------
+
+BUILTIN_MODELS = ("two_tower", "n_tower", "distill", "multiview", "slip")
+BUILTIN_REGISTRIES = dict(MODELS=sorted(BUILTIN_MODELS), IMAGE_TOWERS=["resnet", "vit"], TEXT_TOWERS=["transformer"],
+                          ENCODERS=["mlp", "resnet", "signal", "transformer", "vit"])
+
+
+def test_registries_are_literals_and_import_registers_nothing():
+    import ast
+    import pathlib
+    import subprocess
+    import sys
+
+    pkg = pathlib.Path(models.__file__).parent
+    # Every built-in model kind is written out in the one MODELS literal of build.py.
+    tree = ast.parse((pkg / "build.py").read_text())
+    literals = [n.value for n in tree.body if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", "") == "MODELS"]
+    assert len(literals) == 1 and isinstance(literals[0], ast.Dict)
+    assert [k.value for k in literals[0].keys] == list(BUILTIN_MODELS)
+    # No module of the package registers anything, or stores into a registry, at import time.
+    for path in pkg.glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                continue
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Call):
+                    called = getattr(sub.func, "id", getattr(sub.func, "attr", ""))
+                    assert not called.startswith("register_"), (path.name, ast.unparse(sub))
+                targets = sub.targets if isinstance(sub, ast.Assign) else []
+                for t in targets:
+                    assert not (isinstance(t, ast.Subscript) and getattr(t.value, "id", "") in BUILTIN_REGISTRIES), (
+                        path.name, ast.unparse(sub))
+    # A fresh interpreter: the registries hold exactly the literals after importing the package
+    # and after importing each of its modules, and nothing heavy came in through the package.
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import contrastive_jax.models as m\n"
+        "names = ('MODELS', 'IMAGE_TOWERS', 'TEXT_TOWERS', 'ENCODERS')\n"
+        "before = {r: sorted(getattr(m, r)) for r in names}\n"
+        "heavy = sorted(k for k in ('grain', 'tensorflow', 'tensorflow_datasets', 'tqdm') if k in sys.modules)\n"
+        "for info in pkgutil.iter_modules(m.__path__):\n"
+        "    importlib.import_module('contrastive_jax.models.' + info.name)\n"
+        "print(repr((before, {r: sorted(getattr(m, r)) for r in names}, heavy)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    before, after, heavy = ast.literal_eval(out.strip().splitlines()[-1])
+    assert before == after == BUILTIN_REGISTRIES
+    assert heavy == []
+
+
+def test_run_schema_defaults_are_the_module_defaults():
+    """config.model lists every field of the modules it configures (so unknown keys are caught by
+    the run schema), each with the module's own default; only fields a module requires get a
+    default of the schema's."""
+    from contrastive_jax.models import config as model_config_lib
+    from contrastive_jax.models.schema import field_default, module_fields
+
+    run = default_config().model
+    config_only = {"name", "dtype", "matryoshka_dims", "image", "text", "modalities", "teacher", "towers"}
+    cases = [(run, model_config_lib.TWO_TOWER, config_only),
+             (run.image, model_config_lib.VIT, set(model_config_lib.GROUP_KEYS)),
+             (run.text, model_config_lib.TEXT, set(model_config_lib.GROUP_KEYS))]
+    for group, schema, extra_keys in cases:
+        fields = {k: f for k, f in module_fields(schema.cls).items() if k not in schema.builder_fields}
+        assert set(group.keys()) == set(fields) | extra_keys, schema.cls.__name__
+        for key, f in fields.items():
+            default = field_default(f)
+            if default is dataclasses.MISSING:
+                want = schema.required[key]
+            else:
+                want = 0 if default is None else default  # None is 0 in a config
+            assert group[key] == want and type(group[key]) is type(want), (schema.cls.__name__, key)
+    # N-tower encoders: the same defaults (a 'vit' entry = the model.image group's fields).
+    image = {k: v for k, v in run.image.items() if k not in model_config_lib.GROUP_KEYS}
+    assert models.encoder_defaults("vit") == image
+    assert models.encoder_defaults("transformer") == {k: v for k, v in run.text.items()
+                                                      if k not in model_config_lib.GROUP_KEYS}
+    for kind, schema in [("resnet", model_config_lib.RESNET), ("signal", model_config_lib.SIGNAL),
+                         ("mlp", model_config_lib.MLP)]:
+        assert models.encoder_defaults(kind) == schema.defaults()
+
+
+def test_every_registry_entry_builds_from_defaults():
+    """Each built-in kind, tower and encoder builds from the defaults alone (plus the vocabulary
+    size, which a run takes from its tokenizer), into the module its class defaults describe."""
+    import copy
+
+    import ml_collections
+
+    from contrastive_jax.models import config as model_config_lib
+
+    base = default_config().model
+    base.text.vocab_size = VOCAB
+    dtype = jnp.float32
+    for name in ("two_tower", "multiview", "slip", "distill"):
+        cfg = copy.deepcopy(base)
+        cfg.name = name
+        if name == "distill":
+            cfg.teacher = ml_collections.ConfigDict(dict(text=dict(vocab_size=VOCAB)))
+        model = models.build(cfg)
+        assert tuple(model.modalities) == models.MODELS[name].input_names(cfg)
+    # two_tower's fields are TwoTower's defaults and its towers those of ViT / TextTransformer.
+    model = models.build(base)
+    vit = models.VisionTransformer(**model_config_lib.VIT.required)
+    text = models.TextTransformer(**dict(model_config_lib.TEXT.required, vocab_size=VOCAB))
+    assert model == models.TwoTower(image=vit, text=text, **model_config_lib.TWO_TOWER.required)
+    assert models.IMAGE_TOWERS["vit"](base.image, dtype) == vit
+    assert models.TEXT_TOWERS["transformer"](base.text, dtype) == text
+    # The default image group is a ViT's; a ResNet reads depth and width from it.
+    resnet_group = copy.deepcopy(base.image)
+    resnet_group.update(name="resnet", depth=50, width=64)
+    assert models.IMAGE_TOWERS["resnet"](resnet_group, dtype) == models.ResNet()
+    # n_tower: one tower per encoder kind, each entry naming only its kind.
+    cfg = copy.deepcopy(base)
+    cfg.name = "n_tower"
+    cfg.towers = ml_collections.ConfigDict({k: dict(encoder=k) for k in models.ENCODERS})
+    cfg.towers.transformer.vocab_size = VOCAB
+    model = models.build(cfg)
+    assert model.modalities == tuple(sorted(models.ENCODERS))
+    for (name, encoder, _), builder in zip(model.towers, [models.ENCODERS[n][0] for n in model.modalities]):
+        fields = dict(models.encoder_defaults(name), **({"vocab_size": VOCAB} if name == "transformer" else {}))
+        assert encoder == builder(fields, dtype)
+    assert model.towers[model.modalities.index("mlp")][1] == models.MlpEncoder(**model_config_lib.MLP.required)
+
+
+def test_sample_inputs_cover_every_model_kind():
+    """sample_inputs gives every built-in kind its inputs from the config alone (no model, no
+    data batch), and those initialize the model."""
+    import ml_collections
+
+    data = default_config().data
+    data.image_size = IMAGE_SIZE
+    data.num_views = 3
+    small = dict(width=8, depth=1, num_heads=2, mlp_dim=16)
+    want = {"image": ((2, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32),
+            "image_views": ((2, 3, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32),
+            "text": ((2, int(data.max_text_len)), jnp.int32),
+            "audio": ((2, 12, 2), jnp.float32)}
+    for name in BUILTIN_MODELS:
+        cfg = tiny_model_config(name=name)
+        if name == "distill":
+            cfg.teacher = ml_collections.ConfigDict(dict(
+                embed_dim=8, image=dict(patch_size=4, **small), text=dict(vocab_size=VOCAB, **small)))
+        if name == "n_tower":
+            cfg.modalities = ("text", "image", "audio")
+            cfg.towers = ml_collections.ConfigDict(dict(
+                image=dict(encoder="vit", patch_size=4, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 3), **small),
+                text=dict(encoder="transformer", vocab_size=VOCAB, input_shape=(int(data.max_text_len),),
+                          input_dtype="int32", **small),
+                audio=dict(encoder="signal", patch_size=4, input_shape=(12, 2), **small)))
+        model = models.build(cfg)
+        specs = models.sample_inputs(cfg, data, batch=2)  # the kind's inputs, not told the modalities
+        assert specs == models.sample_inputs(cfg, data, batch=2, modalities=tuple(model.modalities)), name
+        assert [(s.shape, s.dtype) for s in specs] == [want[m] for m in model.modalities], name
+        variables = jax.eval_shape(model.init, jax.random.key(0), *specs)
+        out = jax.eval_shape(model.apply, variables, *specs)
+        for m in model.modalities:
+            assert out[m].shape == ((2, 3, 16) if m == "image_views" else (2, 16)), (name, m)
+        assert out["scale"].shape == () and out["bias"].shape == ()
+        if name == "distill":
+            assert out["teacher_image"].shape == out["teacher_text"].shape == (2, 8)
+
+
+def test_build_module_converts_types_and_names_bad_values():
+    from contrastive_jax.models.text import TextTransformer
+
+    fields = dict(vocab_size=10.0, width=8, depth=1, num_heads=2, mlp_dim=16)
+    # JSON / command-line forms: integral floats for ints, 0/1 for bools, ints for floats, lists
+    # for tuples; a None default is 0 in a config.
+    t = models.build_module(TextTransformer, dict(fields, context_length=0, scan=1, norm_eps=1), group="model.text")
+    got = (t.vocab_size, type(t.vocab_size), t.context_length, t.scan, type(t.norm_eps))
+    assert got == (10, int, None, True, float)
+    assert models.build_module(TextTransformer, dict(fields, context_length=77)).context_length == 77
+    for bad, pattern in [(dict(width=8.5), r"^model\.text\.width=8\.5 is not an integer$"),
+                         (dict(scan="yes"), r"^model\.text\.scan='yes' is not a bool$"),
+                         (dict(pool=3), r"^model\.text\.pool=3 is not a string$"),
+                         (dict(norm_eps="1e-5"), r"^model\.text\.norm_eps='1e-5' is not a number$"),
+                         (dict(kernel=3, stride=2), r"^model\.text\.kernel, model\.text\.stride: unknown fields")]:
+        with pytest.raises(ValueError, match=pattern):
+            models.build_module(TextTransformer, dict(fields, **bad), group="model.text")
+    with pytest.raises(ValueError, match=r"^model\.text\.width is required"):
+        models.build_module(TextTransformer, dict(vocab_size=10, depth=1, num_heads=2, mlp_dim=16), group="model.text")
+    # Without a group, messages start with the field, for the caller to put the group's path first.
+    with pytest.raises(ValueError, match=r"^kernel: unknown field of TextTransformer; known: .*vocab_size"):
+        models.build_module(TextTransformer, dict(fields, kernel=3))
+    # A schema may not state a second default for a field the module defaults, nor name a non-field.
+    with pytest.raises(TypeError, match="has a default"):
+        models.ModuleSchema(TextTransformer, required=dict(pool="eos"))
+    with pytest.raises(TypeError, match="no field 'pooling'"):
+        models.ModuleSchema(TextTransformer, choices=dict(pooling=("eos",)))
+
+
+def test_distill_teacher_unknown_key_is_named():
+    import ml_collections
+
+    cfg = tiny_model_config(name="distill")
+    cfg.teacher = ml_collections.ConfigDict(dict(image=dict(pach_size=4), text=dict(vocab_size=VOCAB)))
+    with pytest.raises(ValueError, match=r"^model\.teacher\.image\.pach_size: unknown field; known: .*patch_size"):
+        models.build(cfg)
+    cfg.teacher = ml_collections.ConfigDict(dict(text=dict(vocab_size=VOCAB), dtype="float16"))
+    with pytest.raises(ValueError, match=r"model\.teacher\.dtype 'float16'"):
+        models.build(cfg)
