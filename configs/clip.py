@@ -9,7 +9,7 @@ Variants (``arg``):
   pooling with a position for the class token, LayerNorm before the encoder, bias-free patch
   projection and heads, QuickGELU, a 12-layer causal text tower (77 tokens, 49,408 BPE vocab)
   pooled at EOS, softmax loss, LayerNorm epsilon 1e-5. Parameter counts equal the released
-  models: 151,277,313 / 149,620,737 / 427,616,513 (checked by ``tests/test_model_zoo.py``).
+  models: 151,277,313 / 149,620,737 / 427,616,513 (checked by ``tests/models/test_model_zoo.py``).
   A converted OpenAI checkpoint (``contrastive-jax convert``, docs/interop.md) has exactly this
   config, so ``--config.checkpoint.init_from=<converted dir>`` fine-tunes it.
 - ``siglip_b16``, ``siglip_so400m14``: SigLIP (Zhai et al. 2023) — MAP-pooled ViT without a class

@@ -84,8 +84,6 @@ class Model:
     def __init__(self, config, module, params, tokenizer=None):
         self.config, self.module, self.params, self.tokenizer = config, module, params, tokenizer
         self.image_size = int(config.data.image_size)
-        self._mean = np.asarray(config.data.mean, np.float32)
-        self._std = np.asarray(config.data.std, np.float32)
         self._encode = jax.jit(lambda p, name, x: module.apply({"params": p}, name, x, method="encode"),
                                static_argnums=1)
 
@@ -166,9 +164,11 @@ class Model:
         return np.asarray(resize_center_crop(img, self.image_size))
 
     def _normalize(self, arr: np.ndarray) -> np.ndarray:
-        """uint8 (0..255) or float (0..1) ``[..., 3]`` -> float32 normalized with mean/std."""
-        x = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
-        return (x - self._mean) / self._std
+        """uint8 (0..255) or float (0..1) ``[..., 3]`` -> float32 normalized with mean/std, as the
+        data pipeline does (:func:`contrastive_jax.data.transforms.normalize_images`)."""
+        from contrastive_jax.data.transforms import normalize_images
+
+        return normalize_images(np.asarray(arr), self.config.data.mean, self.config.data.std)
 
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         """Texts -> int32 ``[N, L]`` with the model's tokenizer and text rules."""

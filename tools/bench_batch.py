@@ -7,7 +7,9 @@ Compares, side by side in one run on this machine:
 * ``gradcache``: the chunked loss + GradCache micro-batches (``train.microbatch_size``) + uint8
   images normalized per micro-batch on device (``data.normalize_on_device``).
 
-For each candidate B the real jitted train step is compiled and XLA's buffer assignment
+Both are built with ``contrastive_jax.train.build_training``, the builder the training loop uses,
+from the quickstart config plus the overrides above, so the step measured is the step such a run
+executes. For each candidate B that jitted train step is compiled and XLA's buffer assignment
 (``compiled.memory_analysis()``: arguments + temporaries + outputs, which is what the CPU
 runtime allocates) is compared with the memory budget; a binary search finds the largest B that
 fits. ``--run B`` additionally EXECUTES one step at that size (synthetic data) and reports its
@@ -33,41 +35,28 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from contrastive_jax import models  # noqa: E402
-from contrastive_jax.parallel import host_batch_to_global, make_mesh  # noqa: E402
-from contrastive_jax.train import create_train_state, load_config, make_optimizer, make_train_step  # noqa: E402
-from contrastive_jax.train.loop import model_config_for  # noqa: E402
-from contrastive_jax.train.state import abstract_train_state  # noqa: E402
+from contrastive_jax.parallel import make_mesh  # noqa: E402
+from contrastive_jax.train import build_training, load_config  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 64
 
 
-class _Vocab:
-    vocab_size = VOCAB
-
-
 def _setup(mode: str, microbatch: int):
-    impl = "dense" if mode == "baseline" else "chunked"
-    config = load_config(os.path.join(REPO, "configs", "quickstart.py"), [f"loss.impl={impl}"])
-    mesh = make_mesh([("data", 1)])
-    model = models.build(model_config_for(config, _Vocab))
-    tx, schedule = make_optimizer(config.optim, 10, warmup_steps=0)
-    size, length = int(config.data.image_size), int(config.data.max_text_len)
-    sample = [jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32), jax.ShapeDtypeStruct((1, length), jnp.int32)]
-    abstract, shardings = abstract_train_state(model, tx, sample, rules=config.sharding.rules, mesh=mesh)
-    step = make_train_step(model, tx, schedule, config.loss, mesh, ("data",), shardings,
-                           microbatch_size=microbatch if mode == "gradcache" else 0,
-                           image_mean=config.data.mean, image_std=config.data.std)
-    image_dtype = jnp.float32 if mode == "baseline" else jnp.uint8
-    return config, mesh, model, tx, sample, abstract, shardings, step, image_dtype, size, length
+    """The loop's training for ``mode``: quickstart config, one device, a 10-step schedule."""
+    overrides = ["train.total_steps=10", "optim.warmup_steps=0", f"model.text.vocab_size={VOCAB}"]
+    if mode == "baseline":
+        overrides += ["loss.impl=dense", "train.microbatch_size=0", "data.normalize_on_device=False"]
+    else:
+        overrides += ["loss.impl=chunked", f"train.microbatch_size={microbatch}", "data.normalize_on_device=True"]
+    if mode != "baseline":
+        overrides.append(f"train.batch_size={microbatch}")  # validation: the micro-batch divides the batch
+    config = load_config(os.path.join(REPO, "configs", "quickstart.py"), overrides)
+    return build_training(config, make_mesh([("data", 1)]))
 
 
-def _bytes_needed(setup, batch: int) -> int:
-    *_, abstract, _, step, image_dtype, size, length = setup
-    spec = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), image_dtype),
-            "text": jax.ShapeDtypeStruct((batch, length), jnp.int32)}
-    m = step.lower(abstract, spec).compile().memory_analysis()
+def _bytes_needed(training, batch: int) -> int:
+    m = training.step.lower(training.abstract_state, training.batch_spec(batch)).compile().memory_analysis()
     return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes)
 
 
@@ -85,17 +74,17 @@ def largest_batch(setup, budget: int, granularity: int, lo: int, hi: int) -> tup
     return best, best_bytes
 
 
-def run_one_step(setup, batch: int) -> dict:
-    config, mesh, model, tx, sample, _, _, step, image_dtype, size, length = setup
-    state, _ = create_train_state(model, tx, sample, seed=0, rules=config.sharding.rules, mesh=mesh)
+def run_one_step(training, batch: int) -> dict:
+    state = training.init_state(seed=0)
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8)
-    if image_dtype == jnp.float32:
+    spec = training.batch_spec(batch)
+    images = rng.integers(0, 256, size=spec["image"].shape, dtype=np.uint8)
+    if spec["image"].dtype == jnp.float32:
         images = (images.astype(np.float32) / 255.0 - 0.5) / 0.5
-    text = rng.integers(3, VOCAB, size=(batch, length), dtype=np.int32)
+    text = rng.integers(3, VOCAB, size=spec["text"].shape, dtype=np.int32)
     text[:, -1] = 1
     t0 = time.perf_counter()
-    state, metrics = step(state, host_batch_to_global({"image": images, "text": text}, mesh, ("data",)))
+    state, metrics = training.step(state, training.device_batch({"image": images, "text": text}))
     loss = float(metrics["loss"])
     return {"batch": batch, "step_seconds": time.perf_counter() - t0, "loss": loss,
             "log_batch": float(np.log(batch)), "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}

@@ -1,9 +1,11 @@
 """Benchmark the real train step: throughput (examples/s) and model FLOPs utilization (MFU).
 
-Builds the model from a config (default ``configs/clip.py:vit_s16_96``: ViT-S/16 at 96 px, a
-6-layer text tower, 384-d embedding) and the step through ``contrastive_jax.train``
-(``make_optimizer``, ``create_train_state``, ``make_train_step``: both towers, the loss, the
-AdamW update), runs it on random inputs and prints ONE JSON line:
+Builds everything from a config (default ``configs/clip.py:vit_s16_96``: ViT-S/16 at 96 px, a
+6-layer text tower, 384-d embedding) with ``contrastive_jax.train.build_training``, the builder
+the training loop uses, so the step timed here is the step a run executes (both towers, the loss,
+the optimizer update, and whatever the config sets: logical sharding, freezing, EMA, GradCache
+micro-batches, uint8 images normalized on device); runs it on random inputs and prints ONE JSON
+line:
 
 - ``step_s``: median wall time of one step (``--steps`` timed steps after ``--warmup``).
 - ``examples_per_s``: batch / step_s.
@@ -67,32 +69,27 @@ def main(argv=None):
     import jax.numpy as jnp
     import numpy as np
 
-    from contrastive_jax import models
     from contrastive_jax.models.inspect import model_summary
-    from contrastive_jax.parallel.mesh import batch_axes_of, host_batch_to_global, make_mesh
-    from contrastive_jax.train.config import load_config
-    from contrastive_jax.train.optim import make_optimizer
-    from contrastive_jax.train.state import create_train_state
-    from contrastive_jax.train.step import make_train_step
+    from contrastive_jax.train import build_training, load_config
 
     spec = args.config or os.path.join(root, "configs", "clip.py") + ":vit_s16_96"
-    config = load_config(spec, [f"model.dtype={args.dtype}", f"train.batch_size={args.batch}", *args.override])
-    mesh = make_mesh(config.mesh)
-    batch_axes = batch_axes_of(mesh, config.sharding.batch_axes)
-    model = models.build(config.model)
-    inputs = models.sample_inputs(config.model, config.data, batch=args.batch)
+    total = args.warmup + args.steps
+    config = load_config(spec, [f"model.dtype={args.dtype}", f"train.batch_size={args.batch}",
+                                f"train.total_steps={total}", *args.override])
+    training = build_training(config)  # the loop's own builder: the step a run executes
+    model, mesh = training.model, training.mesh
+    inputs = [jax.ShapeDtypeStruct((args.batch, *s.shape[1:]), s.dtype) for s in training.inputs]
     summary = model_summary(model, inputs, batch_size=args.batch)
     flops_per_example = summary["train_flops_per_example"]
-
-    total = args.warmup + args.steps
-    tx, schedule = make_optimizer(config.optim, total)
-    state, shardings = create_train_state(model, tx, inputs, seed=0, rules=config.sharding.rules, mesh=mesh)
-    step = make_train_step(model, tx, schedule, config.loss, mesh, batch_axes, shardings)
+    state = training.init_state(seed=0)
+    step = training.step
 
     rng = np.random.default_rng(0)
     batch = {}
-    for name, s in zip(model.modalities, inputs):
-        if jnp.issubdtype(s.dtype, jnp.integer):  # token ids: 1..vocab-1, then pads
+    for name, s in training.batch_spec(args.batch).items():
+        if s.dtype == jnp.uint8:  # data.normalize_on_device: raw pixels
+            x = rng.integers(0, 256, size=s.shape, dtype=np.uint8)
+        elif jnp.issubdtype(s.dtype, jnp.integer):  # token ids: 1..vocab-1, then pads
             vocab = int(config.model.text.vocab_size)
             x = rng.integers(1, vocab, size=s.shape).astype(np.int32)
             lengths = rng.integers(s.shape[1] // 2, s.shape[1] + 1, size=s.shape[0])
@@ -100,7 +97,7 @@ def main(argv=None):
         else:
             x = rng.normal(size=s.shape).astype(np.float32)
         batch[name] = x
-    batch = host_batch_to_global(batch, mesh, batch_axes)
+    batch = training.device_batch(batch)
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     n = args.matmul_size
@@ -155,7 +152,7 @@ def main(argv=None):
     if args.components:
         params = state.params
         comps = {}
-        for name, x in zip(model.modalities, [batch[m] for m in model.modalities]):
+        for name, x in zip(training.modalities, [batch[m] for m in training.modalities]):
             fl = summary["towers"][name]["train_flops_per_example"] * args.batch
 
             def loss(p, x, name=name):

@@ -325,6 +325,37 @@ def _vocabulary(captions: list[str], min_count: int, max_size: int) -> list[str]
     return sorted(ranked[:max_size])
 
 
+def _collect_items(source: str, *, name: str, format: str, captions: str | None, class_template: str,
+                   test_fraction: float, validation_fraction: float) -> tuple[list, list[str] | None]:
+    """Checks :func:`convert`'s arguments and lists the source's records, sorted by key.
+
+    Returns ``(items, class_names)`` (``class_names`` None unless ``format='classes'``).
+    """
+    if format not in FORMATS:
+        raise ConversionError(f"unknown format {format!r}; known: {', '.join(FORMATS)}")
+    if not name or not name.replace("_", "").isalnum() or not name[0].isalpha() or name != name.lower():
+        raise ConversionError(f"dataset name {name!r} must be lower-case letters, digits and '_', "
+                              "starting with a letter (a TFDS name)")
+    if not (0 <= test_fraction and 0 <= validation_fraction and test_fraction + validation_fraction < 1):
+        raise ConversionError(f"test_fraction={test_fraction} and validation_fraction="
+                              f"{validation_fraction} must be >= 0 and sum to < 1")
+    if not os.path.exists(source):
+        raise ConversionError(f"source not found: {source}")
+    class_names = None
+    if format == "folder":
+        if not captions:
+            raise ConversionError("format 'folder' needs a captions file (--captions FILE.csv|.jsonl)")
+        items = _folder_items(source, captions)
+    elif format == "webdataset":
+        items = _webdataset_items(source)
+    else:
+        items, class_names = _class_items(source, class_template)
+    if not items:
+        raise ConversionError(f"no records found in {source}")
+    items.sort(key=lambda it: it.key)
+    return items, class_names
+
+
 def convert(
     source: str,
     *,
@@ -363,29 +394,10 @@ def convert(
     """
     import tensorflow_datasets as tfds
 
-    if format not in FORMATS:
-        raise ConversionError(f"unknown format {format!r}; known: {', '.join(FORMATS)}")
-    if not name or not name.replace("_", "").isalnum() or not name[0].isalpha() or name != name.lower():
-        raise ConversionError(f"dataset name {name!r} must be lower-case letters, digits and '_', "
-                              "starting with a letter (a TFDS name)")
-    if not (0 <= test_fraction and 0 <= validation_fraction and test_fraction + validation_fraction < 1):
-        raise ConversionError(f"test_fraction={test_fraction} and validation_fraction="
-                              f"{validation_fraction} must be >= 0 and sum to < 1")
-    if not os.path.exists(source):
-        raise ConversionError(f"source not found: {source}")
+    items, class_names = _collect_items(source, name=name, format=format, captions=captions,
+                                        class_template=class_template, test_fraction=test_fraction,
+                                        validation_fraction=validation_fraction)
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
-    class_names = None
-    if format == "folder":
-        if not captions:
-            raise ConversionError("format 'folder' needs a captions file (--captions FILE.csv|.jsonl)")
-        items = _folder_items(source, captions)
-    elif format == "webdataset":
-        items = _webdataset_items(source)
-    else:
-        items, class_names = _class_items(source, class_template)
-    if not items:
-        raise ConversionError(f"no records found in {source}")
-    items.sort(key=lambda it: it.key)
 
     Builder = _builder_class()
     dataset_dir = os.path.join(data_dir, name, version)

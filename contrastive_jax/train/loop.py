@@ -1,7 +1,7 @@
 """The outer training loop: the only place with side effects (data I/O, logging, checkpoints).
 
-``train(config, workdir)`` builds the mesh, data, tokenizer, model and optimizer from the config,
-restores the newest GOOD checkpoint in ``workdir`` if there is one (state, EMA, RNG, step AND the
+``train(config, workdir)`` prepares the data and tokenizer, builds everything else with
+:func:`contrastive_jax.train.build_training` (the same builder the benchmarks use), restores the newest GOOD checkpoint in ``workdir`` if there is one (state, EMA, RNG, step AND the
 data-iterator position; an unreadable checkpoint is set aside and the previous one used) or
 initializes from ``checkpoint.init_from``, runs the jitted step, evaluates every eval interval and
 at the end, and writes ``WORKDIR/summary.json``.
@@ -14,8 +14,7 @@ uninterrupted one (CPU).
 """
 from __future__ import annotations
 
-import contextlib
-import copy
+import dataclasses
 import json
 import logging
 import math
@@ -24,95 +23,31 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from contrastive_jax import data as data_lib
 from contrastive_jax import evaluate as eval_lib
-from contrastive_jax import models
 from contrastive_jax.parallel.distributed import any_process, barrier
-from contrastive_jax.parallel.mesh import (
-    batch_axes_of,
-    data_parallel_size,
-    host_batch_to_global,
-    make_mesh,
-    to_host,
-)
+from contrastive_jax.parallel.mesh import make_mesh, to_host
+from contrastive_jax.train.builder import NONFINITE_POLICIES, Training, build_training, model_config_for, validate
 from contrastive_jax.train.checkpoint import Checkpointer, load_params_from
-from contrastive_jax.train.durations import Durations, resolve_durations
+from contrastive_jax.train.durations import resolve_durations
 from contrastive_jax.train.flops import compiled_flops, peak_flops_per_device
-from contrastive_jax.train.gradcache import ACCUMULATIONS
 from contrastive_jax.train.metrics import MetricWriter
-from contrastive_jax.train.optim import make_optimizer
-from contrastive_jax.train.state import create_train_state
-from contrastive_jax.train.step import make_train_step, model_modalities
 
 log = logging.getLogger("contrastive_jax")
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" — requeue and resume
-NONFINITE_POLICIES = ("stop", "skip")
-INPUTS_FILE = "inputs.json"  # per-example shapes/dtypes of the model inputs (for reloading)
+
+__all__ = ["EXIT_PREEMPTED", "NONFINITE_POLICIES", "NonFiniteLossError", "StopRequest", "model_config_for", "train",
+           "validate"]
 
 
 class NonFiniteLossError(FloatingPointError):
     """Raised (policy ``stop``) when a step's loss or gradient is NaN/inf; names step and metric."""
-
-
-def validate(config: Any, mesh) -> None:
-    """Rejects configs that cannot run, before anything is compiled, naming the fields."""
-    axes = batch_axes_of(mesh, config.sharding.batch_axes)
-    dp = data_parallel_size(mesh, config.sharding.batch_axes)
-    problems = []
-    for field in ("train.batch_size", "eval.batch_size"):
-        group, key = field.split(".")
-        value = config[group][key]
-        if value <= 0 or value % dp:
-            problems.append(f"config.{field}={value} is not a positive multiple of the data-parallel size {dp} "
-                            f"(mesh axes {axes})")
-        if value % jax.process_count():
-            problems.append(f"config.{field}={value} is not divisible by the process count {jax.process_count()}")
-    mb = int(config.train.microbatch_size)
-    batch = int(config.train.batch_size)
-    if mb < 0:
-        problems.append(f"config.train.microbatch_size={mb} must be >= 0 (0 = off)")
-    elif mb:
-        if batch % mb:
-            problems.append(f"config.train.microbatch_size={mb} does not divide config.train.batch_size={batch}")
-        if mb % dp:
-            problems.append(f"config.train.microbatch_size={mb} is not a multiple of the data-parallel size {dp} "
-                            f"(mesh axes {axes}): every micro-batch is spread over all devices")
-    if config.train.accumulation not in ACCUMULATIONS:
-        problems.append(f"config.train.accumulation={config.train.accumulation!r}; known: {', '.join(ACCUMULATIONS)}")
-    if config.train.nonfinite not in NONFINITE_POLICIES:
-        problems.append(f"config.train.nonfinite={config.train.nonfinite!r}; known: {', '.join(NONFINITE_POLICIES)}")
-    if not 0.0 <= float(config.optim.ema_decay) < 1.0:
-        problems.append(f"config.optim.ema_decay={config.optim.ema_decay} must be in [0, 1)")
-    profile = tuple(config.log.profile_steps)
-    if profile and (len(profile) != 2 or not 0 < profile[0] <= profile[1]):
-        problems.append(f"config.log.profile_steps={profile} must be (first, last) with 0 < first <= last")
-    if problems:
-        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
-
-
-def model_config_for(config: Any, tokenizer: Any):
-    """The model config with data-dependent fields filled in: every ``vocab_size = -1`` (the
-    two-tower ``model.text``, any ``model.towers.<name>``, and the same in a distillation
-    ``model.teacher``) becomes the tokenizer's size. ``tokenizer=None`` (a model directory saved
-    without one): a copy of ``config.model`` as it is."""
-    model_config = copy.deepcopy(config.model)
-    if tokenizer is None:
-        return model_config
-    teacher = model_config.get("teacher") or {}
-    # Text groups default to -1 (from the tokenizer) when the field is absent; towers only when set.
-    text_groups = [g for g in (model_config.get("text"), teacher.get("text")) if g is not None]
-    towers = list(model_config.get("towers", {}).values()) + list(teacher.get("towers", {}).values())
-    for group, missing in [(g, -1) for g in text_groups] + [(g, 0) for g in towers]:
-        if hasattr(group, "get") and group.get("vocab_size", missing) == -1:
-            with group.unlocked() if hasattr(group, "unlocked") else contextlib.nullcontext():
-                group["vocab_size"] = int(tokenizer.vocab_size)
-    return model_config
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -121,6 +56,12 @@ def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def _say(message: str) -> None:
+    """A line on stderr from process 0 (progress notes the user should see)."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 class StopRequest:
@@ -155,23 +96,38 @@ class StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class NonFiniteGuard:
+    """Checks the ``finite`` metric of the steps since the last check (deferred, so the host does
+    not block on every step; the exact bad step is still named) and applies
+    ``config.train.nonfinite``: ``'stop'`` raises :class:`NonFiniteLossError`, ``'skip'`` warns."""
+
+    def __init__(self, policy: str, ckpt: Checkpointer, workdir: str):
+        self.policy, self.ckpt, self.workdir = policy, ckpt, workdir
+        self.pending: list[tuple[int, dict]] = []
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, {k: metrics[k] for k in ("finite", "loss", "grad_norm")}))
+
+    def check(self) -> None:
+        for s, m in self.pending:
+            if float(to_host(m["finite"])) > 0:
+                continue
+            loss, gnorm = float(to_host(m["loss"])), float(to_host(m["grad_norm"]))
+            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient (grad_norm={gnorm})"
+            if self.policy == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite {what} at step {s}; the update was not applied. Last checkpoint: step "
+                    f"{self.ckpt.latest_step()} in {self.ckpt.directory} (config: {self.workdir}/config.json; "
+                    "config.train.nonfinite='skip' skips such steps instead)")
+            log.warning("step %d skipped: non-finite %s", s, what)
+            _say(f"WARNING: step {s} skipped: non-finite {what}")
+        self.pending.clear()
+
+
 def _write_json(path: str, payload: Any) -> None:
     if jax.process_index() == 0:
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(payload, fh, indent=2)
-
-
-def write_inputs_spec(workdir: str, modalities: Sequence[str], sample: Sequence[jax.ShapeDtypeStruct]) -> None:
-    """``WORKDIR/inputs.json``: each modality's per-example shape and dtype (batch dim dropped)."""
-    _write_json(os.path.join(workdir, INPUTS_FILE),
-                {k: [list(s.shape[1:]), str(s.dtype)] for k, s in zip(modalities, sample)})
-
-
-def read_inputs_spec(workdir: str) -> list[jax.ShapeDtypeStruct]:
-    """The model's inputs for a batch of 1, in the order :func:`write_inputs_spec` wrote them."""
-    with open(os.path.join(workdir, INPUTS_FILE), encoding="utf-8") as fh:
-        spec = json.load(fh)
-    return [jax.ShapeDtypeStruct((1, *shape), jnp.dtype(dtype)) for shape, dtype in spec.values()]
 
 
 def _prepare_data(config: Any) -> int:
@@ -185,17 +141,149 @@ def _prepare_data(config: Any) -> int:
     return size
 
 
-def _sample_inputs(host_batch: dict, modalities: tuple[str, ...]) -> list[jax.ShapeDtypeStruct]:
-    # uint8 images (data.normalize_on_device) reach the model as float32.
-    return [jax.ShapeDtypeStruct((1,) + tuple(host_batch[k].shape[1:]),
-                                 jnp.float32 if host_batch[k].dtype == jnp.uint8 else host_batch[k].dtype)
-            for k in modalities]
+@dataclasses.dataclass
+class _Run:
+    """One invocation's training, set up: what :func:`_run_steps` and :func:`_finish` share."""
+
+    config: Any
+    workdir: str
+    training: Training
+    state: Any
+    train_iter: Any
+    evaluator: Any
+    ckpt: Checkpointer
+    writer: MetricWriter
+    resumed_from: int | None
+    t_start: float
 
 
-def _device_batch(host_batch: dict, mesh, batch_axes) -> dict:
-    # Strings (captions) and other non-array fields stay on the host.
-    arrays = {k: v for k, v in host_batch.items() if hasattr(v, "dtype") and v.dtype.kind in "biuf"}
-    return host_batch_to_global(arrays, mesh, batch_axes)
+def _start(config: Any, workdir: str, t_start: float) -> _Run:
+    """Data, tokenizer, the built training and its state (restored, initialized from
+    ``checkpoint.init_from``, or fresh)."""
+    mesh = make_mesh(config.mesh)
+    validate(config, mesh)  # before the dataset is generated: a bad config costs nothing
+    durations = resolve_durations(config, _prepare_data(config))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as fh:
+            fh.write(config.to_json_best_effort(indent=2))
+    # The tokenizer is stored with the run so evaluation and later loading tokenize exactly as
+    # training did.
+    tokenizer = data_lib.build_tokenizer(config.data)
+    if jax.process_index() == 0:
+        tokenizer.save(os.path.join(workdir, "tokenizer.json"))
+    train_iter = data_lib.make_train_iterator(config.data, tokenizer=tokenizer,
+                                              global_batch_size=int(config.train.batch_size),
+                                              seed=int(config.data.shuffle_seed))
+    training = build_training(config, mesh, tokenizer=tokenizer, durations=durations)
+    evaluator = eval_lib.EvalRunner(config, training.model, mesh, training.batch_axes, training.shardings.params,
+                                    tokenizer, default_every_steps=durations.eval_every)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=durations.checkpoint_every,
+                        keep=config.checkpoint.keep, async_save=bool(config.checkpoint.async_save))
+    state = training.init_state()
+    resumed_from = None
+    restored = ckpt.restore_latest_good(state, training.shardings) if ckpt.all_steps() else None
+    if restored is not None:
+        resumed_from, state, data_state = restored
+        train_iter.set_state(data_state)
+        log.warning("resumed from checkpoint at step %d in %s", resumed_from, ckpt.directory)
+        _say(f"Resuming from step {resumed_from} ({ckpt.directory})")
+    elif config.checkpoint.init_from:
+        state = _init_from(config, state, training)
+    return _Run(config, workdir, training, state, train_iter, evaluator, ckpt,
+                MetricWriter(workdir, tensorboard=bool(config.log.tensorboard)), resumed_from, t_start)
+
+
+def _init_from(config: Any, state, training: Training):
+    """The state with the parameters ``checkpoint.init_from`` names (the EMA restarts from them)."""
+    loaded, taken = load_params_from(config.checkpoint.init_from, state.params, training.shardings.params,
+                                     into=str(config.checkpoint.get("init_into", "")))
+    params = jax.tree.map(lambda new, old: old if new is None else new, loaded, state.params,
+                          is_leaf=lambda x: x is None)
+    ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
+    _say(f"Initialized {len(taken)} parameters from {config.checkpoint.init_from}")
+    return state.replace(params=params, ema_params=ema)
+
+
+class _Throughput:
+    """Step time, examples/s, epoch and MFU over the steps since the last log line."""
+
+    def __init__(self, run: _Run, compiled):
+        self.global_batch = int(run.config.train.batch_size)
+        self.steps_per_epoch = run.training.durations.steps_per_epoch
+        self.flops = compiled_flops(compiled)
+        self.peak = peak_flops_per_device(float(run.config.log.peak_flops_per_device)) if self.flops else 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.t, self.steps = time.time(), 0
+
+    def metrics(self, done: int) -> dict:
+        step_time = (time.time() - self.t) / max(self.steps, 1)
+        out = {"step_time_s": step_time, "examples_per_sec": self.global_batch / max(step_time, 1e-9),
+               "examples_seen": done * self.global_batch,
+               "epoch": done / self.steps_per_epoch if self.steps_per_epoch else 0.0}
+        if self.flops and self.peak:
+            out["mfu"] = self.flops / step_time / self.peak
+        return out
+
+
+def _run_steps(run: _Run, stop: StopRequest, stop_at: int) -> tuple[int, str | None]:
+    """Steps from the state's step to ``stop_at``: logging, evaluation, checkpoints, stopping.
+
+    Returns ``(last step done, preemption reason or None)``.
+    """
+    config, training, ckpt = run.config, run.training, run.ckpt
+    total = training.durations.total
+    start = int(to_host(run.state.step))
+    guard = NonFiniteGuard(config.train.nonfinite, ckpt, run.workdir)
+    pbar = _progress(total, start, bool(config.log.progress))
+    log_every = max(training.durations.log_every, 1)
+    profile = tuple(int(s) for s in config.log.profile_steps)
+    compiled, rate, preempted = None, None, None
+    try:
+        for step in range(start, stop_at):
+            batch = training.device_batch(next(run.train_iter))
+            if compiled is None:
+                # Compiled ahead of time once, to read the step's FLOPs for MFU.
+                compiled = training.step.lower(run.state, batch).compile()
+                rate = _Throughput(run, compiled)
+            if profile and step + 1 == profile[0]:
+                jax.profiler.start_trace(os.path.join(run.workdir, "profile"))
+            run.state, metrics = compiled(run.state, batch)
+            done = step + 1
+            rate.steps += 1
+            guard.add(done, metrics)
+            if profile and done == profile[1]:
+                jax.block_until_ready(run.state)
+                jax.profiler.stop_trace()
+            if done % log_every == 0 or done == stop_at:
+                guard.check()
+                host = {k: float(v) for k, v in to_host(metrics).items()}
+                host.update(rate.metrics(done))
+                if hasattr(run.train_iter, "stats"):
+                    host.update({f"data/{k}": v for k, v in run.train_iter.stats().items()})
+                run.writer.write(done, {f"train/{k}": v for k, v in host.items()})
+                if pbar is not None:
+                    pbar.set_postfix(loss=f"{host['loss']:.4f}", ex_s=f"{host['examples_per_sec']:.0f}", refresh=False)
+                    # Advanced only here, where the host has waited for the device: with async
+                    # dispatch, per-dispatch updates would show bursts and a wrong ETA.
+                    pbar.update(done - pbar.n)
+                rate.reset()
+            if done != total and run.evaluator.due(done):
+                _evaluate(run.evaluator, run.state, run.writer, done, step=done)
+                rate.reset()
+            preempted = stop.poll()
+            if preempted or ckpt.should_save(done) or done == stop_at:
+                guard.check()  # a non-finite step under policy 'stop' must not be followed by a save
+                ckpt.save(done, run.state, run.train_iter.get_state(), force=True)
+            if preempted:
+                return done, preempted
+        guard.check()
+    finally:
+        if pbar is not None:
+            pbar.close()
+        ckpt.wait()
+    return stop_at, None
 
 
 def train(config: Any, workdir: str) -> dict:
@@ -215,195 +303,53 @@ def train(config: Any, workdir: str) -> dict:
     t_start = time.time()
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
-    mesh = make_mesh(config.mesh)
-    batch_axes = batch_axes_of(mesh, config.sharding.batch_axes)
-    validate(config, mesh)
     stop = StopRequest(float(config.train.deadline_minutes), t_start)
-
-    train_examples = _prepare_data(config)
-    durations: Durations = resolve_durations(config, train_examples)
-    total_steps = durations.total
-    global_batch = int(config.train.batch_size)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as fh:
-            fh.write(config.to_json_best_effort(indent=2))
-
-    # Data and tokenizer. The tokenizer is stored with the run so evaluation and later loading
-    # tokenize exactly as training did.
-    tokenizer = data_lib.build_tokenizer(config.data)
-    if jax.process_index() == 0:
-        tokenizer.save(os.path.join(workdir, "tokenizer.json"))
-    train_iter = data_lib.make_train_iterator(
-        config.data, tokenizer=tokenizer, global_batch_size=global_batch, seed=int(config.data.shuffle_seed)
-    )
-
-    # Model, optimizer and state, created directly sharded. Input shapes come from one batch
-    # (the iterator is rewound, so the first step still sees it).
-    model = models.build(model_config_for(config, tokenizer))
-    modalities = model_modalities(model)
-    rewind = train_iter.get_state()
-    sample = _sample_inputs(next(train_iter), modalities)
-    train_iter.set_state(rewind)
-    write_inputs_spec(workdir, modalities, sample)
-    tx, schedule = make_optimizer(config.optim, total_steps, warmup_steps=durations.warmup)
-    ema_decay = float(config.optim.ema_decay)
-    state, shardings = create_train_state(
-        model, tx, sample, seed=int(config.seed), rules=config.sharding.rules, mesh=mesh, ema=ema_decay > 0,
-        sharding=config.sharding,
-    )
-    train_step = make_train_step(
-        model, tx, schedule, config.loss, mesh, batch_axes, shardings,
-        freeze=tuple(config.optim.freeze), microbatch_size=int(config.train.microbatch_size),
-        accumulation=config.train.accumulation, ema_decay=ema_decay, model_config=config.model,
-        image_mean=tuple(config.data.mean), image_std=tuple(config.data.std), sharding_config=config.sharding,
-    )
-    evaluator = eval_lib.EvalRunner(config, model, mesh, batch_axes, shardings.params, tokenizer,
-                                    default_every_steps=durations.eval_every)
-
-    ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"), every_steps=durations.checkpoint_every, keep=config.checkpoint.keep,
-        async_save=bool(config.checkpoint.async_save),
-    )
-    resumed_from = None
-    restored = ckpt.restore_latest_good(state, shardings) if ckpt.all_steps() else None
-    if restored is not None:
-        resumed_from, state, data_state = restored
-        train_iter.set_state(data_state)
-        log.warning("resumed from checkpoint at step %d in %s", resumed_from, ckpt.directory)
-        if jax.process_index() == 0:
-            print(f"Resuming from step {resumed_from} ({ckpt.directory})", file=sys.stderr, flush=True)
-    elif config.checkpoint.init_from:
-        loaded, taken = load_params_from(config.checkpoint.init_from, state.params, shardings.params,
-                                         into=str(config.checkpoint.get("init_into", "")))
-        params = jax.tree.map(lambda new, old: old if new is None else new, loaded, state.params,
-                              is_leaf=lambda x: x is None)
-        ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
-        state = state.replace(params=params, ema_params=ema)
-        if jax.process_index() == 0:
-            print(f"Initialized {len(taken)} parameters from {config.checkpoint.init_from}", file=sys.stderr, flush=True)
-    start_step = int(to_host(state.step))
-
-    writer = MetricWriter(workdir, tensorboard=bool(config.log.tensorboard))
-    pbar = _progress(total_steps, start_step, bool(config.log.progress))
-    log_every = max(durations.log_every, 1)
-    nonfinite_policy = config.train.nonfinite
-    pending: list[tuple[int, dict]] = []
-    t_window, steps_window = time.time(), 0
-    stop_at = total_steps
-    if int(config.train.max_steps_per_run) > 0:
-        stop_at = min(total_steps, start_step + int(config.train.max_steps_per_run))
-    profile = tuple(int(s) for s in config.log.profile_steps)
-    step_flops, peak = 0.0, 0.0
-    compiled = None
-    preempted = None
-
-    def check_finite():
-        # Deferred so the host does not block on every step; the exact bad step is still named.
-        for s, m in pending:
-            if float(to_host(m["finite"])) > 0:
-                continue
-            loss, gnorm = float(to_host(m["loss"])), float(to_host(m["grad_norm"]))
-            what = f"loss {loss}" if not math.isfinite(loss) else f"gradient (grad_norm={gnorm})"
-            if nonfinite_policy == "stop":
-                raise NonFiniteLossError(
-                    f"non-finite {what} at step {s}; the update was not applied. Last checkpoint: step "
-                    f"{ckpt.latest_step()} in {ckpt.directory} (config: {workdir}/config.json; "
-                    "config.train.nonfinite='skip' skips such steps instead)")
-            log.warning("step %d skipped: non-finite %s", s, what)
-            if jax.process_index() == 0:
-                print(f"WARNING: step {s} skipped: non-finite {what}", file=sys.stderr, flush=True)
-        pending.clear()
-
     try:
-        for step in range(start_step, stop_at):
-            host_batch = next(train_iter)
-            batch = _device_batch(host_batch, mesh, batch_axes)
-            if compiled is None:
-                # Compiled ahead of time once, to read the step's FLOPs for MFU.
-                compiled = train_step.lower(state, batch).compile()
-                step_flops = compiled_flops(compiled)
-                peak = peak_flops_per_device(float(config.log.peak_flops_per_device)) if step_flops else 0.0
-            if profile and step + 1 == profile[0]:
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            state, metrics = compiled(state, batch)
-            done = step + 1
-            steps_window += 1
-            pending.append((done, {k: metrics[k] for k in ("finite", "loss", "grad_norm")}))
-            if profile and done == profile[1]:
-                jax.block_until_ready(state)
-                jax.profiler.stop_trace()
-            if done % log_every == 0 or done == stop_at:
-                check_finite()
-                host = {k: float(v) for k, v in to_host(metrics).items()}
-                elapsed = time.time() - t_window
-                step_time = elapsed / max(steps_window, 1)
-                host["step_time_s"] = step_time
-                host["examples_per_sec"] = global_batch / max(step_time, 1e-9)
-                host["examples_seen"] = done * global_batch
-                host["epoch"] = done / durations.steps_per_epoch if durations.steps_per_epoch else 0.0
-                if step_flops and peak:
-                    host["mfu"] = step_flops / step_time / peak
-                if hasattr(train_iter, "stats"):
-                    host.update({f"data/{k}": v for k, v in train_iter.stats().items()})
-                writer.write(done, {f"train/{k}": v for k, v in host.items()})
-                if pbar is not None:
-                    pbar.set_postfix(loss=f"{host['loss']:.4f}", ex_s=f"{host['examples_per_sec']:.0f}", refresh=False)
-                    # Advanced only here, where the host has waited for the device: with async
-                    # dispatch, per-dispatch updates would show bursts and a wrong ETA.
-                    pbar.update(done - pbar.n)
-                t_window, steps_window = time.time(), 0
-            if done != total_steps and evaluator.due(done):
-                _evaluate(evaluator, state, writer, done, step=done)
-                t_window, steps_window = time.time(), 0
-            preempted = stop.poll()
-            if preempted or ckpt.should_save(done) or done == stop_at:
-                # A non-finite step under policy 'stop' must not be followed by a save.
-                check_finite()
-                ckpt.save(done, state, train_iter.get_state(), force=True)
-            if preempted:
-                stop_at = done
-                break
-        check_finite()
+        run = _start(config, workdir, t_start)
+        total = run.training.durations.total
+        stop_at = total
+        if int(config.train.max_steps_per_run) > 0:
+            stop_at = min(total, int(to_host(run.state.step)) + int(config.train.max_steps_per_run))
+        stopped_at, preempted = _run_steps(run, stop, stop_at)
     finally:
         stop.close()
-        if pbar is not None:
-            pbar.close()
-        ckpt.wait()
-
-    if stop_at < total_steps:
-        writer.close()
-        ckpt.close()
-        result = {"complete": False, "stopped_at_step": stop_at, "resumed_from_step": resumed_from,
+    if stopped_at < total:
+        run.writer.close()
+        run.ckpt.close()
+        result = {"complete": False, "stopped_at_step": stopped_at, "resumed_from_step": run.resumed_from,
                   "wall_time_s": time.time() - t_start}
         if preempted:
             result["preempted"] = preempted
-            if jax.process_index() == 0:
-                print(f"Stopped at step {stop_at} ({preempted}); checkpoint saved, re-run to resume",
-                      file=sys.stderr, flush=True)
+            _say(f"Stopped at step {stopped_at} ({preempted}); checkpoint saved, re-run to resume")
         return result
+    return _finish(run)
 
-    results = _evaluate(evaluator, state, writer, total_steps)
-    writer.close()
-    ckpt.close()
+
+def _finish(run: _Run) -> dict:
+    """Final evaluation, the report and ``summary.json`` of a completed run."""
+    config, state, total = run.config, run.state, run.training.durations.total
+    results = _evaluate(run.evaluator, state, run.writer, total)
+    run.writer.close()
+    run.ckpt.close()
     if config.eval.get("write_report", False):
         # Every process calls it (the report may evaluate); process 0 writes the files.
-        eval_lib.write_report(workdir, evaluator, state.params)
+        eval_lib.write_report(run.workdir, run.evaluator, state.params)
     summary = {
         "complete": True,
         "eval": {k: float(v) for k, v in results.items() if not k.startswith("ema/")},
         "eval_split": config.data.eval_split,
-        "steps": total_steps,
-        "examples_seen": total_steps * global_batch,
+        "steps": total,
+        "examples_seen": total * int(config.train.batch_size),
         "nonfinite_steps": int(to_host(state.nonfinite_steps)),
-        "resumed_from_step": resumed_from,
-        "wall_time_s": time.time() - t_start,
+        "resumed_from_step": run.resumed_from,
+        "wall_time_s": time.time() - run.t_start,
         "devices": jax.device_count(),
         "processes": jax.process_count(),
-        "mesh": {k: int(v) for k, v in mesh.shape.items()},
+        "mesh": {k: int(v) for k, v in run.training.mesh.shape.items()},
     }
     if state.ema_params is not None:
         summary["eval_ema"] = {k[len("ema/"):]: float(v) for k, v in results.items() if k.startswith("ema/")}
-    _write_json(os.path.join(workdir, "summary.json"), summary)
+    _write_json(os.path.join(run.workdir, "summary.json"), summary)
     return summary
 
 

@@ -19,7 +19,7 @@ Gradient clipping (global norm) is computed over the trainable parameters only.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -176,10 +176,16 @@ def _base_optimizer(optim_config: Any, schedule: optax.Schedule) -> optax.Gradie
     raise ValueError(f"unknown config.optim.name {name!r}; known: {', '.join(OPTIMIZERS)}")
 
 
-def make_optimizer(
-    optim_config: Any, total_steps: int, warmup_steps: int | None = None
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Returns ``(tx, schedule)``.
+class Optimizer(NamedTuple):
+    """``(tx, schedule)``: the gradient transformation and its learning-rate schedule (step ->
+    LR, logged as ``lr``); unpacks like the tuple it is."""
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+
+
+def make_optimizer(optim_config: Any, total_steps: int, warmup_steps: int | None = None) -> Optimizer:
+    """Returns ``Optimizer(tx, schedule)``.
 
     ``tx`` = (clip by global norm -> optimizer -> LR multipliers) on the trainable parameters,
     ``set_to_zero`` (no state) on the ``optim.freeze`` ones. See the module docstring.
@@ -199,5 +205,5 @@ def make_optimizer(
             return jax.tree.map(lambda t: TRAINABLE if t else FROZEN, trainable_mask(params, freeze))
 
         tx = optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
-    return tx, schedule
+    return Optimizer(tx, schedule)
 

@@ -1,8 +1,9 @@
 """Reload a finished (or running) training run from its workdir: config, model, params, tokenizer.
 
 Used by standalone evaluation, the notebook API and ``init_from``-style tooling. Everything needed
-is in the workdir: ``config.json`` (the resolved run config), ``tokenizer.json``, ``inputs.json``
-(per-example input shapes) and ``checkpoints/<step>/``.
+is in the workdir: ``config.json`` (the resolved run config, which also gives the model's input
+shapes), ``tokenizer.json`` and ``checkpoints/<step>/``. Nothing here imports the loop, grain,
+TFDS or tqdm.
 """
 from __future__ import annotations
 
@@ -17,19 +18,12 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from contrastive_jax import data as data_lib
-from contrastive_jax import models
-from contrastive_jax.parallel.mesh import make_mesh
+from contrastive_jax.data.tokenizer import load_tokenizer as _read_tokenizer
 from contrastive_jax.parallel.logical import param_shardings
+from contrastive_jax.parallel.mesh import make_mesh
+from contrastive_jax.train.builder import build_model
 from contrastive_jax.train.checkpoint import step_dirs
 from contrastive_jax.train.config import default_config, merge
-from contrastive_jax.train.loop import model_config_for, read_inputs_spec, write_inputs_spec
-
-
-def _to_config_dict(value: Any) -> Any:
-    if isinstance(value, dict):
-        return ml_collections.ConfigDict({k: _to_config_dict(v) for k, v in value.items()})
-    return value
 
 
 def load_config_json(workdir: str) -> ml_collections.ConfigDict:
@@ -39,14 +33,14 @@ def load_config_json(workdir: str) -> ml_collections.ConfigDict:
         raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
     with open(path, encoding="utf-8") as fh:
         saved = json.load(fh)
-    return merge(default_config(), _to_config_dict(saved), source=path)
+    return merge(default_config(), saved, source=path)
 
 
 def load_tokenizer(workdir: str):
     """The tokenizer the run trained with (``WORKDIR/tokenizer.json``); None for a model directory
     written without one."""
     path = os.path.join(workdir, "tokenizer.json")
-    return data_lib.load_tokenizer(path) if os.path.isfile(path) else None
+    return _read_tokenizer(path) if os.path.isfile(path) else None
 
 
 def restore_params(workdir: str, abstract_params: Any, shardings: Any, *, step: int | None = None,
@@ -99,21 +93,20 @@ def load_run(workdir: str, step: int | None = None, *, mesh=None, ema: bool = Fa
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config = load_config_json(workdir)
     tokenizer = load_tokenizer(workdir)
-    model = models.build(model_config_for(config, tokenizer))
-    sample = read_inputs_spec(workdir)
+    built = build_model(config, tokenizer)
     if mesh is None:
         mesh = make_mesh([("data", 1)], jax.local_devices()[:1])
     # Shapes only: nothing is initialized, the checkpoint is read straight into place.
-    abstract = jax.eval_shape(lambda *xs: model.init(jax.random.key(0), *xs), *sample)["params"]
+    abstract = jax.eval_shape(lambda *xs: built.model.init(jax.random.key(0), *xs), *built.inputs)["params"]
     shardings = param_shardings(abstract, config.sharding, mesh)
     _, params = restore_params(workdir, nn.meta.unbox(abstract), shardings, step=step, ema=ema)
-    return config, model, params, tokenizer
+    return config, built.model, params, tokenizer
 
 
 def write_model_dir(directory: str, config: Any, params: Any, tokenizer: Any = None) -> str:
     """Writes a directory that :func:`load_run`, ``contrastive_jax.load``, ``contrastive-jax eval
     --checkpoint`` and ``checkpoint.init_from`` all read: ``config.json``, ``tokenizer.json`` (if
-    given), ``inputs.json`` and ``checkpoints/0/state`` holding ``{'params': params}``.
+    given) and ``checkpoints/0/state`` holding ``{'params': params}``.
 
     Args:
       config: a full run config (e.g. ``default_config()`` merged with a converted model's groups).
@@ -124,14 +117,12 @@ def write_model_dir(directory: str, config: Any, params: Any, tokenizer: Any = N
     step_dir = os.path.join(directory, "checkpoints", "0")
     if os.path.exists(step_dir):
         raise FileExistsError(f"{step_dir} exists; choose an empty directory")
+    build_model(config, tokenizer)  # a config that cannot build a model is refused before anything is written
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as fh:
         fh.write(config.to_json_best_effort(indent=2))
     if tokenizer is not None:
         tokenizer.save(os.path.join(directory, "tokenizer.json"))
-    model = models.build(model_config_for(config, tokenizer))
-    sample = models.sample_inputs(config.model, config.data, modalities=tuple(model.modalities))
-    write_inputs_spec(directory, model.modalities, sample)
     # The same item names as the trainer's checkpoints ('state' + 'data'), so every reader of a
     # run's checkpoints reads this too.
     manager = ocp.CheckpointManager(os.path.join(directory, "checkpoints"), item_names=("state", "data"),

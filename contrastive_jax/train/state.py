@@ -97,6 +97,14 @@ def abstract_train_state(
     return abstract, _shardings(model, tx, sample_inputs, abstract, rules, mesh, sharding)
 
 
+def init_train_state(model: nn.Module, tx: optax.GradientTransformation, sample_inputs: Sequence[Any],
+                     shardings: TrainState, *, seed: int, ema: bool = False) -> TrainState:
+    """The initial state, created by one jitted init with ``out_shardings=shardings``, so no
+    device ever holds an unsharded copy of the parameters. ``shardings``: from
+    :func:`abstract_train_state` with the same model, ``tx``, inputs and ``ema``."""
+    return jax.jit(_init_fn(model, tx, sample_inputs, ema), out_shardings=shardings)(jax.random.PRNGKey(seed))
+
+
 def create_train_state(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -108,8 +116,8 @@ def create_train_state(
     ema: bool = False,
     sharding: Any = None,
 ) -> tuple[TrainState, TrainState]:
-    """Initializes the state already sharded: shapes from ``jax.eval_shape``, then one jitted init
-    with ``out_shardings`` so no device ever holds an unsharded copy of the parameters.
+    """Initializes the state already sharded (:func:`abstract_train_state`, then
+    :func:`init_train_state`).
 
     Args:
       sample_inputs: arrays with the per-example shapes/dtypes the model is applied to (a batch
@@ -122,8 +130,5 @@ def create_train_state(
     Returns:
       ``(state, shardings)``.
     """
-    init = _init_fn(model, tx, sample_inputs, ema)
-    rng = jax.random.PRNGKey(seed)
-    shardings = _shardings(model, tx, sample_inputs, jax.eval_shape(init, rng), rules, mesh, sharding)
-    state = jax.jit(init, out_shardings=shardings)(rng)
-    return state, shardings
+    _, shardings = abstract_train_state(model, tx, sample_inputs, rules=rules, mesh=mesh, ema=ema, sharding=sharding)
+    return init_train_state(model, tx, sample_inputs, shardings, seed=seed, ema=ema), shardings

@@ -7,10 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from contrastive_jax import models
-from contrastive_jax.parallel import host_batch_to_global, make_mesh, to_host
-from contrastive_jax.train import create_train_state, load_config, make_optimizer, make_train_step
-from contrastive_jax.train.loop import model_config_for, train
+from contrastive_jax.parallel import make_mesh, to_host
+from contrastive_jax.train import build_training, load_config
+from contrastive_jax.train.loop import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
@@ -31,18 +30,18 @@ def _random_batch(batch, image_size, length, seed=0):
     return {"image": images, "text": text}
 
 
+def build(config, mesh_spec, n_devices, **kwargs):
+    """The loop's own builder on the first ``n_devices`` devices (text vocabulary of ``_Vocab``)."""
+    return build_training(config, make_mesh(mesh_spec, jax.devices()[:n_devices]), tokenizer=_Vocab, **kwargs)
+
+
 def _run_steps(config, mesh_spec, n_devices, batches):
-    mesh = make_mesh(mesh_spec, jax.devices()[:n_devices])
-    axes = tuple(config.sharding.batch_axes)
-    model = models.build(model_config_for(config, _Vocab))
-    tx, schedule = make_optimizer(config.optim, config.train.total_steps)
-    sample = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in (batches[0]["image"], batches[0]["text"])]
-    state, shardings = create_train_state(model, tx, sample, seed=0, rules=config.sharding.rules, mesh=mesh)
+    training = build(config, mesh_spec, n_devices)
+    state = training.init_state(seed=0)
     init_params = to_host(state.params)
-    step = make_train_step(model, tx, schedule, config.loss, mesh, axes, shardings)
     losses = []
     for b in batches:
-        state, metrics = step(state, host_batch_to_global(b, mesh, axes))
+        state, metrics = training.step(state, training.device_batch(b))
         losses.append(float(to_host(metrics["loss"])))
     return losses, init_params, to_host(state.params)
 
@@ -51,7 +50,8 @@ _BATCHES = [_random_batch(16, 32, 8, seed=s) for s in range(2)]
 
 
 def _step_config(impl):
-    return load_config(QUICKSTART + ":tiny", ["optim.warmup_steps=1", f"loss.impl={impl}", "loss.block_size=8"])
+    return load_config(QUICKSTART + ":tiny", ["optim.warmup_steps=1", f"loss.impl={impl}", "loss.block_size=8",
+                                              "data.max_text_len=8"])
 
 
 @functools.lru_cache(maxsize=None)

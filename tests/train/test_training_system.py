@@ -8,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from contrastive_jax import losses, models
+from contrastive_jax import losses
 from contrastive_jax.parallel import host_batch_to_global, make_mesh, to_host
-from contrastive_jax.train import create_train_state, load_config, make_optimizer, make_schedule, make_train_step
+from contrastive_jax.train import load_config, make_optimizer, make_schedule
 from contrastive_jax.train.durations import resolve_durations
 from contrastive_jax.train.gradcache import (
     averaged_value_and_grad,
@@ -19,23 +19,20 @@ from contrastive_jax.train.gradcache import (
     merge_microbatches,
     take_microbatch,
 )
-from contrastive_jax.train.loop import model_config_for
 from contrastive_jax.train.optim import trainable_mask
-from tests.train.test_train import QUICKSTART, _random_batch, _Vocab
+from tests.train.test_train import QUICKSTART, _random_batch, build
 
 
 def _config(*overrides):
-    return load_config(QUICKSTART + ":tiny", ["loss.block_size=8", *overrides])
+    # 20 steps without warmup; texts of the length _random_batch makes.
+    return load_config(QUICKSTART + ":tiny", ["loss.block_size=8", "optim.warmup_steps=0", "data.max_text_len=8",
+                                              *overrides])
 
 
-def _setup(config, n_devices, batch):
-    mesh = make_mesh([("data", n_devices)], jax.devices()[:n_devices])
-    model = models.build(model_config_for(config, _Vocab))
-    tx, schedule = make_optimizer(config.optim, 20, warmup_steps=0)
-    sample = [jax.ShapeDtypeStruct(batch[k].shape, batch[k].dtype) for k in ("image", "text")]
-    state, shardings = create_train_state(model, tx, sample, seed=0, rules=config.sharding.rules, mesh=mesh,
-                                          ema=float(config.optim.ema_decay) > 0)
-    return mesh, model, tx, schedule, state, shardings
+def _setup(config, n_devices, **kwargs):
+    """``(training, initial state)`` from the loop's builder on ``n_devices`` devices."""
+    training = build(config, [("data", n_devices)], n_devices, **kwargs)
+    return training, training.init_state(seed=0)
 
 
 # --- GradCache -------------------------------------------------------------------------------
@@ -52,7 +49,8 @@ def test_microbatch_split_is_strided_and_invertible():
 def _gradients(loss_name, n_devices, mode, n_micro):
     config = _config(f"loss.name={loss_name}", "loss.impl=chunked")
     batch = _random_batch(32, 32, 8, seed=3)
-    mesh, model, _, _, state, _ = _setup(config, n_devices, batch)
+    training, state = _setup(config, n_devices)
+    mesh, model = training.mesh, training.model
     objective = losses.make_objective(config.loss, mesh, ("data",))
     fn = {"full": full_batch_value_and_grad, "gradcache": gradcache_value_and_grad,
           "average": averaged_value_and_grad}[mode]
@@ -108,9 +106,9 @@ def test_train_step_with_microbatches_matches_full_batch_on_8_devices():
     batch = _random_batch(32, 32, 8, seed=1)
     params = {}
     for mb in (0, 8):
-        mesh, model, tx, schedule, state, shardings = _setup(config, 8, batch)
-        step = make_train_step(model, tx, schedule, config.loss, mesh, ("data",), shardings, microbatch_size=mb)
-        new_state, metrics = step(state, host_batch_to_global(batch, mesh, ("data",)))
+        config.train.microbatch_size = mb
+        training, state = _setup(config, 8)
+        new_state, metrics = training.step(state, training.device_batch(batch))
         params[mb] = to_host(new_state.params)
     for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[8])):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
@@ -202,7 +200,7 @@ def test_weight_decay_mask_and_lr_multipliers():
 def test_frozen_params_get_no_state_and_stay_bit_identical():
     config = _config("optim.freeze=('image/.*', 'image_proj/.*')", "optim.ema_decay=0.9")
     batch = _random_batch(16, 32, 8, seed=2)
-    mesh, model, tx, schedule, state, shardings = _setup(config, 2, batch)
+    training, state = _setup(config, 2)
     before = to_host(state.params)
     mask = trainable_mask(state.params, tuple(config.optim.freeze))
     # (Scalars excluded on both sides: the optimizer's step counters are scalars too.)
@@ -210,10 +208,8 @@ def test_frozen_params_get_no_state_and_stay_bit_identical():
     n_state = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
     # AdamW keeps two moments per TRAINABLE parameter and nothing for the frozen image tower.
     assert n_state == 2 * n_trainable, (n_state, n_trainable)
-    step = make_train_step(model, tx, schedule, config.loss, mesh, ("data",), shardings,
-                           freeze=tuple(config.optim.freeze), ema_decay=0.9)
-    for _ in range(2):
-        state, metrics = step(state, host_batch_to_global(batch, mesh, ("data",)))
+    for _ in range(2):  # the builder's step: freezing and EMA (0.9) from the config
+        state, metrics = training.step(state, training.device_batch(batch))
     after = to_host(state.params)
     for name in ("image", "image_proj"):
         for a, b in zip(jax.tree.leaves(before[name]), jax.tree.leaves(after[name])):
@@ -234,12 +230,11 @@ def test_frozen_tower_costs_no_backward_flops():
 
     def step_flops(freeze):
         config = _config(f"optim.freeze={freeze!r}", "model.image.depth=2")
-        mesh, model, tx, schedule, state, shardings = _setup(config, 1, batch)
-        step = make_train_step(model, tx, schedule, config.loss, mesh, ("data",), shardings, freeze=freeze)
-        gb = host_batch_to_global(batch, mesh, ("data",))
-        image_fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, method="encode_image"))
+        training, state = _setup(config, 1)
+        gb = training.device_batch(batch)
+        image_fwd = jax.jit(lambda p, x: training.model.apply({"params": p}, x, method="encode_image"))
         # (The image forward is the same with or without freezing: compiled once.)
-        return (compiled_flops(step.lower(state, gb).compile()),
+        return (compiled_flops(training.step.lower(state, gb).compile()),
                 compiled_flops(image_fwd.lower(state.params, gb["image"]).compile()) if not freeze else None)
 
     full, image_fwd = step_flops(())
@@ -267,7 +262,7 @@ def test_durations_convert_epochs_and_examples_in_one_place():
 
 
 def test_config_that_cannot_fit_is_rejected_naming_fields():
-    from contrastive_jax.train.loop import validate
+    from contrastive_jax.train.builder import validate
 
     mesh = make_mesh([("data", 8)])
     for overrides, needle in ((["train.batch_size=36"], "train.batch_size=36"),
@@ -283,18 +278,18 @@ def test_config_that_cannot_fit_is_rejected_naming_fields():
 def test_nonfinite_step_is_not_applied_and_counted():
     config = _config()
     batch = _random_batch(16, 32, 8, seed=4)
-    mesh, model, tx, schedule, state, shardings = _setup(config, 2, batch)
-    step = make_train_step(model, tx, schedule, config.loss, mesh, ("data",), shardings, donate=False)
+    training, state = _setup(config, 2, donate=False)
+    step = training.step
     bad = dict(batch, image=batch["image"].copy())
     bad["image"][3, 0, 0, 0] = np.nan
-    new_state, metrics = step(state, host_batch_to_global(bad, mesh, ("data",)))
+    new_state, metrics = step(state, training.device_batch(bad))
     assert float(metrics["finite"]) == 0.0 and not math.isfinite(float(metrics["loss"]))
     assert int(new_state.nonfinite_steps) == 1 and int(new_state.step) == 1
     for a, b in zip(jax.tree.leaves(to_host(state.params)), jax.tree.leaves(to_host(new_state.params))):
         assert a.tobytes() == b.tobytes()
     for a, b in zip(jax.tree.leaves(to_host(state.opt_state)), jax.tree.leaves(to_host(new_state.opt_state))):
         np.testing.assert_array_equal(a, b)
-    good_state, metrics = step(new_state, host_batch_to_global(batch, mesh, ("data",)))
+    good_state, metrics = step(new_state, training.device_batch(batch))
     assert float(metrics["finite"]) == 1.0 and int(good_state.nonfinite_steps) == 1
 
 
@@ -308,17 +303,10 @@ def test_train_step_under_logical_fsdp_tensor_rules_matches_one_device():
     results = {}
     for spec in ([("data", 1)], [("data", 2), ("fsdp", 2), ("model", 2)]):
         n = int(np.prod([s for _, s in spec]))
-        mesh = make_mesh(spec, jax.devices()[:n])
-        model = models.build(model_config_for(config, _Vocab))
-        tx, schedule = make_optimizer(config.optim, 20, warmup_steps=0)
-        sample = [jax.ShapeDtypeStruct(batch[k].shape, batch[k].dtype) for k in ("image", "text")]
-        state, shardings = create_train_state(model, tx, sample, seed=0, rules=config.sharding.rules, mesh=mesh,
-                                              sharding=config.sharding)
-        axes = ("data", "fsdp")
-        step = make_train_step(model, tx, schedule, config.loss, mesh, axes, shardings,
-                               sharding_config=config.sharding)
-        state, metrics = step(state, host_batch_to_global(batch, mesh, axes))
-        results[n] = (float(metrics["loss"]), to_host(state.params), shardings)
+        training = build(config, spec, n)
+        assert training.batch_axes == (("data",) if n == 1 else ("data", "fsdp"))
+        state, metrics = training.step(training.init_state(seed=0), training.device_batch(batch))
+        results[n] = (float(metrics["loss"]), to_host(state.params), training.shardings)
     assert results[8][0] == pytest.approx(results[1][0], rel=1e-5)
     for a, b in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[8][1])):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-6)
