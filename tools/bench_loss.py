@@ -41,7 +41,8 @@ OBJECTIVE_NAMES = ["dcl", "dclw", "hard_negative", "cwcl", "multi_positive", "si
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--loss", choices=["softmax", "sigmoid", *OBJECTIVE_NAMES], default="softmax")
-    p.add_argument("--impl", choices=["dense", "chunked", "ring"], default="chunked")
+    # Checked after jax is imported (XLA_FLAGS first), by the library's one check: losses.IMPLS.
+    p.add_argument("--impl", default="chunked", help="dense | chunked | ring (contrastive_jax.losses.IMPLS)")
     p.add_argument("--batch", type=int, default=8192, help="global batch B")
     p.add_argument("--dim", type=int, default=512, help="embedding dim D")
     p.add_argument("--devices", type=int, default=1, help="simulated CPU devices (mesh over all)")
@@ -68,7 +69,9 @@ def main(argv=None):
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from contrastive_jax import losses
+    from contrastive_jax.losses.streaming import check_impl
 
+    check_impl(args.impl)
     B, D = args.batch, args.dim
     dtype = jnp.dtype(args.dtype)
     block = args.block_size or losses.DEFAULT_BLOCK_SIZE

@@ -4,6 +4,11 @@
 ``impl="dense" | "chunked" | "ring"``, and the objective family of :mod:`.objectives` (DCL,
 hard negatives, CWCL, multi-positive / SupCon / NT-Xent, Symile, distillation, alignment and
 uniformity) on the same implementations; ``make_objective`` maps ``config.loss`` to one.
+
+Every loss takes the per-example mask as ``valid=`` (``[B]`` bool; the softmax and sigmoid losses
+also accept non-negative float weights there); ``weights=``, its former name on those two, still
+works with a DeprecationWarning. ``chunked`` / ``ring`` all run on the one streaming driver of
+:mod:`.streaming` (kernels in :mod:`.kernels`).
 """
 from contrastive_jax.losses.contrastive import (
     DEFAULT_BLOCK_SIZE,

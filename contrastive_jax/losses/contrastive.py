@@ -19,6 +19,10 @@ inside the caller's ``jit``). Three implementations give the same value and grad
     gradient accumulators (backward) travel with it, so no step's logits are kept.
     Memory per device O(b*D + block^2), b the per-device batch.
 
+``chunked`` and ``ring`` are two drivers of :mod:`.streaming`, running the kernels of
+:mod:`.kernels` (:func:`.kernels.pair_stats` for softmax, :func:`.kernels.sigmoid_rowsum` for
+sigmoid); this module adds the parts of each loss that are linear in the logits (O(B*D)).
+
 References: CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language
 Supervision"); SigLIP (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training");
 Inf-CL (Cheng et al. 2024, "Breaking the Memory Barrier: Near Infinite Batch Size Scaling for
@@ -32,48 +36,33 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from contrastive_jax.losses import _streaming
+from contrastive_jax.losses import kernels
+from contrastive_jax.losses.inputs import check_pair, example_weights, per_row, renamed_mask
+from contrastive_jax.losses.streaming import IMPLS
 
 Array = jax.Array
-IMPLS = ("dense", "chunked", "ring")
 DEFAULT_BLOCK_SIZE = 1024
 
 __all__ = ["softmax_contrastive_loss", "sigmoid_contrastive_loss", "IMPLS", "DEFAULT_BLOCK_SIZE"]
 
 
 # --------------------------------------------------------------------------------------------
-# Argument handling shared by both losses
+# Argument handling and metrics shared by both losses
 # --------------------------------------------------------------------------------------------
 
 
 def _check_inputs(x: Array, y: Array, impl: str, block_size: int) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; known: {', '.join(IMPLS)}")
-    if x.ndim != 2 or y.ndim != 2 or x.shape != y.shape:
-        raise ValueError(f"x and y must both be [B, D] with equal shapes; got {x.shape} and {y.shape}")
+    check_pair(x, y, impl)
     if int(block_size) < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
 
 
-def _per_row(v: Any, batch: int, name: str) -> Array:
-    """A float scalar or ``[B]`` vector as a float32 ``[B]`` vector (autodiff sums a broadcast)."""
-    v = jnp.asarray(v, jnp.float32)
-    if v.ndim == 0:
-        return jnp.broadcast_to(v, (batch,))
-    if v.shape != (batch,):
-        raise ValueError(f"{name} must be a scalar or a [B]={batch} vector; got shape {v.shape}")
-    return v
-
-
-def _weights(weights: Any, batch: int) -> tuple[Array, Array]:
-    """(w, valid): float32 [B] non-negative weights (treated as constants) and their > 0 mask."""
-    if weights is None:
-        w = jnp.ones((batch,), jnp.float32)
-    else:
-        w = jax.lax.stop_gradient(jnp.asarray(weights).astype(jnp.float32))
-        if w.shape != (batch,):
-            raise ValueError(f"weights must be [B]={batch}; got shape {w.shape}")
-    return w, w > 0
+def _dense_max_off(logits, valid):
+    """Largest logit among the OTHER valid examples of each row / column of a dense [B, B]."""
+    neg_inf = jnp.float32(-jnp.inf)
+    off = jnp.where(valid[:, None] & valid[None, :] & ~jnp.eye(logits.shape[0], dtype=bool), logits, neg_inf)
+    sg = jax.lax.stop_gradient
+    return sg(jnp.max(off, axis=1)), sg(jnp.max(off, axis=0))
 
 
 def _metrics(diag, row_max_off, col_max_off, pair_sum, valid):
@@ -111,6 +100,21 @@ def _masked_sum(v: Array, valid: Array) -> Array:
 # --------------------------------------------------------------------------------------------
 
 
+def _softmax_lse(x, y, s, valid, *, impl, block_size, mesh, batch_axes, bidirectional, return_metrics):
+    """(lse_r [B], lse_c [B], (row_max_off, col_max_off) or None): log-sum-exp of every row /
+    column of ``l = s x y^T`` over the valid columns / rows, dense or streamed."""
+    if impl != "dense":
+        st = kernels.pair_stats(x, y, s, valid, alphas=(1.0,), with_col=bidirectional, with_metrics=return_metrics,
+                                impl=impl, block_size=int(block_size), mesh=mesh, batch_axes=batch_axes)
+        max_off = (st["max_off_r"], st["max_off_c"]) if return_metrics else None
+        return st["lse_r"][:, 0], st["lse_c"][:, 0], max_off
+    logits = s[:, None] * jnp.dot(x, y.T, preferred_element_type=jnp.float32)
+    neg_inf = jnp.float32(-jnp.inf)
+    lse_r = jax.nn.logsumexp(jnp.where(valid[None, :], logits, neg_inf), axis=1)
+    lse_c = jax.nn.logsumexp(jnp.where(valid[:, None], logits, neg_inf), axis=0)
+    return lse_r, lse_c, _dense_max_off(logits, valid) if return_metrics else None
+
+
 def softmax_contrastive_loss(
     x: Array,
     y: Array,
@@ -122,8 +126,9 @@ def softmax_contrastive_loss(
     batch_axes: Sequence[str] | str | None = None,
     bidirectional: bool = True,
     label_smoothing: float = 0.0,
-    weights: Any = None,
+    valid: Any = None,
     return_metrics: bool = False,
+    weights: Any = None,
 ):
     """Symmetric InfoNCE / CLIP loss (Radford et al. 2021) over the global batch.
 
@@ -148,40 +153,27 @@ def softmax_contrastive_loss(
       bidirectional: ``False`` gives the one-directional image->text loss.
       label_smoothing: ``eps``; targets are ``(1 - eps) * onehot + eps / N`` over the N valid
         examples.
-      weights: optional ``[B]`` non-negative per-example weights (bool validity masks work). An
-        example with weight 0 is padding: its row AND column are excluded from every softmax,
-        and the loss is normalized by ``sum(weights)`` (the valid count for a 0/1 mask).
+      valid: optional ``[B]`` bool mask or non-negative float per-example weights ``w``. An
+        example with ``w = 0`` (False) is padding: its row AND column are excluded from every
+        softmax, and the loss is normalized by ``sum(w)`` (the valid count for a mask).
         Treated as a constant (no gradient).
       return_metrics: also return a dict of float32 scalars: ``i2t_top1`` / ``t2i_top1``
         (in-batch top-1 retrieval accuracy; a tie with a negative counts as a miss),
         ``pos_logit`` (mean positive logit), ``neg_logit`` (mean logit of valid negative pairs).
+      weights: deprecated name of ``valid`` (DeprecationWarning).
 
     Returns:
       float32 scalar loss, or ``(loss, metrics)`` if ``return_metrics``.
     """
+    valid = renamed_mask(valid, weights, "softmax_contrastive_loss")
     _check_inputs(x, y, impl, block_size)
     B = x.shape[0]
-    s = _per_row(scale, B, "scale")
-    w, valid = _weights(weights, B)
+    s = per_row(scale, B, "scale")
+    w, valid = example_weights(valid, B)
     eps = float(label_smoothing)
-
-    if impl == "dense":
-        logits = s[:, None] * jnp.dot(x, y.T, preferred_element_type=jnp.float32)
-        neg_inf = jnp.float32(-jnp.inf)
-        lse_r = jax.nn.logsumexp(jnp.where(valid[None, :], logits, neg_inf), axis=1)
-        lse_c = jax.nn.logsumexp(jnp.where(valid[:, None], logits, neg_inf), axis=0)
-        if return_metrics:
-            off = jnp.where(valid[:, None] & valid[None, :] & ~jnp.eye(B, dtype=bool), logits, neg_inf)
-            sg = jax.lax.stop_gradient
-            row_max_off, col_max_off = sg(jnp.max(off, axis=1)), sg(jnp.max(off, axis=0))
-    else:
-        mesh_, axes = _streaming.resolve_mesh(mesh, batch_axes, x)
-        lse_r, lse_c, aux = _streaming.softmax_lse(
-            x, y, s, valid, impl=impl, block_size=int(block_size), mesh=mesh_, batch_axes=axes,
-            with_col=bidirectional, with_metrics=return_metrics,
-        )
-        if return_metrics:
-            row_max_off, col_max_off = aux
+    lse_r, lse_c, max_off = _softmax_lse(x, y, s, valid, impl=impl, block_size=block_size, mesh=mesh,
+                                         batch_axes=batch_axes, bidirectional=bidirectional,
+                                         return_metrics=return_metrics)
     # The parts of the loss that are linear in the logits need only O(B*D) work, so they are
     # written with plain jnp ops on the global arrays and differentiated by autodiff.
     diag = s * _dot_rows(x, y)
@@ -204,7 +196,7 @@ def softmax_contrastive_loss(
     sg = jax.lax.stop_gradient
     pair_sum = jnp.dot(_masked_sum(sg(s)[:, None] * sg(x).astype(jnp.float32), valid),
                        _masked_sum(sg(y), valid))
-    return loss, _metrics(diag, row_max_off, col_max_off, pair_sum, valid)
+    return loss, _metrics(diag, *max_off, pair_sum, valid)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,8 +214,9 @@ def sigmoid_contrastive_loss(
     block_size: int = DEFAULT_BLOCK_SIZE,
     mesh: Mesh | None = None,
     batch_axes: Sequence[str] | str | None = None,
-    weights: Any = None,
+    valid: Any = None,
     return_metrics: bool = False,
+    weights: Any = None,
 ):
     """Pairwise sigmoid loss (SigLIP, Zhai et al. 2023) over the global batch.
 
@@ -232,27 +225,29 @@ def sigmoid_contrastive_loss(
 
         loss = sum_i w_i * sum_{j valid} -log sigmoid(z_ij * t_ij) / sum_i w_i
 
-    i.e. ``(1/B) sum_ij -log sigmoid(z_ij t_ij)`` without weights.
+    i.e. ``(1/B) sum_ij -log sigmoid(z_ij t_ij)`` without a mask.
 
     Args:
       x, y: ``[B, D]`` float32 or bfloat16, L2-normalized; (x_i, y_i) are the positive pairs.
       scale: float scalar or ``[B]`` per-row scale (already exponentiated). Differentiable.
       bias: float scalar or ``[B]`` per-row bias. Differentiable.
       impl, block_size, mesh, batch_axes: as in :func:`softmax_contrastive_loss`.
-      weights: optional ``[B]`` non-negative per-example weights; weight 0 marks padding, whose
-        row and column are excluded (pair (i, j) has weight ``w_i * [w_j > 0]``); normalized by
-        ``sum(weights)``. Treated as a constant.
+      valid: optional ``[B]`` bool mask or non-negative float per-example weights ``w``; 0 (False)
+        marks padding, whose row and column are excluded (pair (i, j) has weight
+        ``w_i * [w_j > 0]``); normalized by ``sum(w)``. Treated as a constant.
       return_metrics: also return ``i2t_top1``, ``t2i_top1``, ``pos_logit``, ``neg_logit``
         (logits here include the bias).
+      weights: deprecated name of ``valid`` (DeprecationWarning).
 
     Returns:
       float32 scalar loss, or ``(loss, metrics)`` if ``return_metrics``.
     """
+    valid = renamed_mask(valid, weights, "sigmoid_contrastive_loss")
     _check_inputs(x, y, impl, block_size)
     B = x.shape[0]
-    s = _per_row(scale, B, "scale")
-    b = _per_row(bias, B, "bias")
-    w, valid = _weights(weights, B)
+    s = per_row(scale, B, "scale")
+    b = per_row(bias, B, "bias")
+    w, valid = example_weights(valid, B)
     diag = s * _dot_rows(x, y) + b
 
     if impl == "dense":
@@ -260,22 +255,13 @@ def sigmoid_contrastive_loss(
         z = 2.0 * jnp.eye(B, dtype=jnp.float32) - 1.0
         per_pair = jax.nn.softplus(-z * logits)  # -log sigmoid(z t)
         per_example = jnp.sum(jnp.where(valid[None, :], per_pair, 0.0), axis=1)
-        if return_metrics:
-            neg_inf = jnp.float32(-jnp.inf)
-            off = jnp.where(valid[:, None] & valid[None, :] & ~jnp.eye(B, dtype=bool), logits, neg_inf)
-            sg = jax.lax.stop_gradient
-            row_max_off, col_max_off = sg(jnp.max(off, axis=1)), sg(jnp.max(off, axis=0))
+        max_off = _dense_max_off(logits, valid) if return_metrics else None
     else:
-        mesh_, axes = _streaming.resolve_mesh(mesh, batch_axes, x)
         # sum_{j valid} softplus(t_ij): every pair scored as a negative; the positive pair is
         # then corrected with softplus(-t) - softplus(t) = -t, which is linear and O(B*D).
-        neg_sum, aux = _streaming.sigmoid_rowsum(
-            x, y, s, b, valid, impl=impl, block_size=int(block_size), mesh=mesh_, batch_axes=axes,
-            with_metrics=return_metrics,
-        )
+        neg_sum, max_off = kernels.sigmoid_rowsum(x, y, s, b, valid, impl=impl, block_size=int(block_size),
+                                                  mesh=mesh, batch_axes=batch_axes, with_metrics=return_metrics)
         per_example = neg_sum - diag
-        if return_metrics:
-            row_max_off, col_max_off = aux
     loss = jnp.sum(jnp.where(valid, w * per_example, 0.0)) / jnp.sum(w)
     if not return_metrics:
         return loss
@@ -283,4 +269,4 @@ def sigmoid_contrastive_loss(
     vf = valid.astype(jnp.float32)
     pair_sum = jnp.dot(_masked_sum(sg(s)[:, None] * sg(x).astype(jnp.float32), valid),
                        _masked_sum(sg(y), valid)) + jnp.sum(vf * sg(b)) * jnp.sum(vf)
-    return loss, _metrics(diag, row_max_off, col_max_off, pair_sum, valid)
+    return loss, _metrics(diag, *max_off, pair_sum, valid)

@@ -2,8 +2,8 @@
 
 Every function takes GLOBAL ``[B, D]`` embeddings (batch-sharded ``jax.Array``s are fine inside
 the caller's ``jit``) and an ``impl``: ``"dense"`` materializes the [B, B] logits (the reference),
-``"chunked"`` / ``"ring"`` stream over blocks with :func:`._pairs.pair_stats` and never hold a
-[B, B] array. Shared keyword arguments:
+``"chunked"`` / ``"ring"`` stream over blocks with :func:`.kernels.pair_stats` (the one driver of
+:mod:`.streaming`) and never hold a [B, B] array. Shared keyword arguments:
 
 * ``scale``: float scalar or ``[B]`` per-row scale ``1 / temperature`` (already exponentiated);
 * ``impl``, ``block_size``, ``mesh``, ``batch_axes``: as in :func:`.contrastive.softmax_contrastive_loss`;
@@ -19,8 +19,10 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from contrastive_jax.losses import _pairs, _streaming
-from contrastive_jax.losses.contrastive import _per_row, softmax_contrastive_loss
+from contrastive_jax.losses import kernels
+from contrastive_jax.losses.contrastive import softmax_contrastive_loss
+from contrastive_jax.losses.inputs import check_pair, example_mask, per_row
+from contrastive_jax.losses.streaming import dot_nt
 
 F32 = jnp.float32
 Array = jax.Array
@@ -33,16 +35,10 @@ __all__ = [
 
 
 def _prep(x, y, scale, valid, impl):
-    if impl not in ("dense", "chunked", "ring"):
-        raise ValueError(f"unknown impl {impl!r}; known: dense, chunked, ring")
-    if x.ndim != 2 or y.ndim != 2 or x.shape != y.shape:
-        raise ValueError(f"x and y must both be [B, D] with equal shapes; got {x.shape} and {y.shape}")
+    """(float32 [B] per-row scale, bool [B] mask) after checking impl and shapes."""
+    check_pair(x, y, impl)
     B = x.shape[0]
-    s = _per_row(scale, B, "scale")
-    v = jnp.ones((B,), bool) if valid is None else jnp.asarray(valid).astype(bool)
-    if v.shape != (B,):
-        raise ValueError(f"valid must be [B]={B}; got shape {v.shape}")
-    return s, v
+    return per_row(scale, B, "scale"), example_mask(valid, B)
 
 
 def _mean(per, valid):
@@ -82,7 +78,7 @@ def decoupled_contrastive_loss(x, y, *, scale, sigma: float = 0.0, valid=None, i
     A batch of one valid example has no negatives: its loss is not defined (-inf terms).
     """
     s, v = _prep(x, y, scale, valid, impl)
-    st = _pairs.pair_stats(x, y, s, v, alphas=(1.0,), mask_fn=_off_diag, **_kw(impl, block_size, mesh, batch_axes))
+    st = kernels.pair_stats(x, y, s, v, alphas=(1.0,), mask_fn=_off_diag, **_kw(impl, block_size, mesh, batch_axes))
     c = jnp.einsum("bd,bd->b", x, y, preferred_element_type=F32)
     if sigma:
         e = jnp.where(v, c / sigma, -jnp.inf)
@@ -127,8 +123,8 @@ def hard_negative_loss(x, y, *, scale, beta: float = 1.0, tau_plus: float = 0.0,
         return k & (cos <= thr) if thr < 1.0 else k
 
     count = lambda r, c, cos: (keep(r, c, cos).astype(F32),) * 2
-    st = _pairs.pair_stats(x, y, s, v, alphas=(1.0 + beta, beta), mask_fn=keep, weight_fn=count,
-                           **_kw(impl, block_size, mesh, batch_axes))
+    st = kernels.pair_stats(x, y, s, v, alphas=(1.0 + beta, beta), mask_fn=keep, weight_fn=count,
+                            **_kw(impl, block_size, mesh, batch_axes))
     pos = _diag(x, y, s)
 
     def direction(lse, m):
@@ -166,8 +162,8 @@ TARGET_FUNCTIONS: dict[str, Callable] = {"cwcl": cwcl_targets, "identity": ident
 
 
 def _target_weighted(x, y, s, v, weight_fn, extra, mask_fn, bidirectional, kw):
-    st = _pairs.pair_stats(x, y, s, v, alphas=(1.0,), with_col=bidirectional, mask_fn=mask_fn,
-                           weight_fn=weight_fn, row_extra=extra, col_extra=extra, **kw)
+    st = kernels.pair_stats(x, y, s, v, alphas=(1.0,), with_col=bidirectional, mask_fn=mask_fn,
+                            weight_fn=weight_fn, row_extra=extra, col_extra=extra, **kw)
     # A row whose targets are all zero has no defined target distribution: excluded.
     ok_r = v & (st["w_r"] > 0)
     row = st["lse_r"][:, 0] - st["wl_r"] / jnp.where(ok_r, st["w_r"], 1.0)
@@ -199,7 +195,7 @@ def soft_target_loss(x, y, *, scale, targets, target_fn: Callable | str = "cwcl"
         raise ValueError(f"targets must be [B={x.shape[0]}, Dt]; got {targets.shape}")
 
     def weights(r, c, cos):
-        w = f(_streaming._dot_nt(r["t"], c["t"]))
+        w = f(dot_nt(r["t"], c["t"]))
         return w, w
 
     return _target_weighted(x, y, s, v, weights, {"t": targets}, None, True,
@@ -266,19 +262,17 @@ def sigmoid_multi_positive_loss(x, y, *, scale, bias, groups, valid=None, impl="
     """
     s, v = _prep(x, y, scale, valid, impl)
     B = x.shape[0]
-    b = _per_row(bias, B, "bias")
+    b = per_row(bias, B, "bias")
     g = _check_groups(groups, B)
     same = lambda r, c, cos: ((r["g"][:, None] == c["g"][None, :]).astype(F32),) * 2
     kw = _kw(impl, block_size, mesh, batch_axes)
-    st = _pairs.pair_stats(x, y, s, v, alphas=(), with_col=False, weight_fn=same, row_extra={"g": g},
-                           col_extra={"g": g}, **kw)
+    st = kernels.pair_stats(x, y, s, v, alphas=(), with_col=False, weight_fn=same, row_extra={"g": g},
+                            col_extra={"g": g}, **kw)
     if impl == "dense":
         t = s[:, None] * jnp.dot(x, y.T, preferred_element_type=F32) + b[:, None]
         neg_sum = jnp.sum(jnp.where(v[None, :], jax.nn.softplus(t), 0.0), axis=1)
     else:
-        mesh_, axes = _streaming.resolve_mesh(mesh, batch_axes, x)
-        neg_sum, _ = _streaming.sigmoid_rowsum(x, y, s, b, v, impl=impl, block_size=int(block_size), mesh=mesh_,
-                                               batch_axes=axes, with_metrics=False)
+        neg_sum, _ = kernels.sigmoid_rowsum(x, y, s, b, v, **kw)
     per = neg_sum - (st["wl_r"] + b * st["w_r"])
     return _mean(per, v), {}
 
@@ -350,8 +344,8 @@ def symile_loss(embs: Sequence[Array], *, scale, negatives: str = "n", valid=Non
             for k, e in enumerate(others[1:], start=1):
                 q = q * jnp.roll(e.astype(F32), k, axis=0)
             q = q.astype(anchor.dtype)
-            st = _pairs.pair_stats(anchor, q, s, v, alphas=(1.0,), with_col=False, mask_fn=_off_diag,
-                                   **_kw(impl, block_size, mesh, batch_axes))
+            st = kernels.pair_stats(anchor, q, s, v, alphas=(1.0,), with_col=False, mask_fn=_off_diag,
+                                    **_kw(impl, block_size, mesh, batch_axes))
             lse = jnp.logaddexp(st["lse_r"][:, 0], pos)
         else:
             # Column (j, k, ...) = j * B^(M-2) + k * B^(M-3) + ...; the positive is (i, i, ...).
@@ -387,19 +381,19 @@ def similarity_distillation_loss(x, y, tx, ty, *, scale, teacher_scale, valid=No
     if tx.shape[0] != x.shape[0] or ty.shape != tx.shape or tx.ndim != 2:
         raise ValueError(f"teacher embeddings must be [B={x.shape[0]}, Dt] each; got {tx.shape}, {ty.shape}")
     tx, ty = jax.lax.stop_gradient(tx), jax.lax.stop_gradient(ty)
-    ts = jax.lax.stop_gradient(_per_row(teacher_scale, x.shape[0], "teacher_scale"))
+    ts = jax.lax.stop_gradient(per_row(teacher_scale, x.shape[0], "teacher_scale"))
     kw = _kw(impl, block_size, mesh, batch_axes)
-    t_st = jax.lax.stop_gradient(_pairs.pair_stats(tx, ty, ts, v, alphas=(1.0,), **kw))
+    t_st = jax.lax.stop_gradient(kernels.pair_stats(tx, ty, ts, v, alphas=(1.0,), **kw))
     rex = dict(tx=tx, ts=ts, lse=t_st["lse_r"][:, 0])
     cex = dict(ty=ty, lse=t_st["lse_c"][:, 0])
 
     def teacher_probs(r, c, cos):
-        lt = r["ts"][:, None] * _streaming._dot_nt(r["tx"], c["ty"])
+        lt = r["ts"][:, None] * dot_nt(r["tx"], c["ty"])
         return jnp.exp(lt - r["lse"][:, None]), jnp.exp(lt - c["lse"][None, :])
 
-    st = _pairs.pair_stats(x, y, s, v, alphas=(1.0,), weight_fn=teacher_probs, row_extra=rex, col_extra=cex, **kw)
-    te = jax.lax.stop_gradient(_pairs.pair_stats(tx, ty, ts, v, alphas=(), weight_fn=teacher_probs,
-                                                 row_extra=rex, col_extra=cex, **kw))
+    st = kernels.pair_stats(x, y, s, v, alphas=(1.0,), weight_fn=teacher_probs, row_extra=rex, col_extra=cex, **kw)
+    te = jax.lax.stop_gradient(kernels.pair_stats(tx, ty, ts, v, alphas=(), weight_fn=teacher_probs,
+                                                  row_extra=rex, col_extra=cex, **kw))
     # sum_j p^T log p^T = sum_j p^T l^T - lse^T (the p^T sum to 1 over valid columns).
     neg_ent_r = te["wl_r"] - t_st["lse_r"][:, 0]
     neg_ent_c = te["wl_c"] - t_st["lse_c"][:, 0]
@@ -426,8 +420,8 @@ def uniformity(x, *, t: float = 2.0, valid=None, impl="dense", block_size=1024, 
     pairs, for unit vectors ``x`` ``[B, D]``. Uses ``||x_i - x_j||^2 = 2 - 2 <x_i, x_j>``, so it is
     a log-sum-exp of ``2t <x_i, x_j>`` over the off-diagonal pairs and streams like the losses."""
     s, v = _prep(x, x, 2.0 * t, valid, impl)
-    st = _pairs.pair_stats(x, x, s, v, alphas=(1.0,), with_col=False, mask_fn=_off_diag,
-                           **_kw(impl, block_size, mesh, batch_axes))
+    st = kernels.pair_stats(x, x, s, v, alphas=(1.0,), with_col=False, mask_fn=_off_diag,
+                            **_kw(impl, block_size, mesh, batch_axes))
     n = jnp.sum(v.astype(F32))
     total = jax.nn.logsumexp(jnp.where(v, st["lse_r"][:, 0], -jnp.inf))
     return total - 2.0 * t - jnp.log(n * (n - 1.0))
@@ -435,5 +429,5 @@ def uniformity(x, *, t: float = 2.0, valid=None, impl="dense", block_size=1024, 
 
 def softmax_loss(x, y, *, scale, valid=None, impl="dense", block_size=1024, mesh=None, batch_axes=None) -> Any:
     """CLIP InfoNCE as ``(loss, metrics)`` with the objective-family signature."""
-    return softmax_contrastive_loss(x, y, scale=scale, weights=valid, impl=impl, block_size=block_size, mesh=mesh,
+    return softmax_contrastive_loss(x, y, scale=scale, valid=valid, impl=impl, block_size=block_size, mesh=mesh,
                                     batch_axes=batch_axes, return_metrics=True)

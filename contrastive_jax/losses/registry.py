@@ -25,31 +25,23 @@ Objective = Callable[[dict, dict], tuple[Any, dict]]
 ObjectiveBuilder = Callable[[Any, "Mesh | None", "Sequence[str] | None"], Objective]
 
 
-def _impl_kwargs(loss_config: Any, mesh: Mesh | None, batch_axes: Sequence[str] | None) -> dict:
-    return dict(
-        impl=loss_config.impl,
-        block_size=int(loss_config.block_size),
-        mesh=mesh,
-        batch_axes=tuple(batch_axes) if batch_axes is not None else None,
-        return_metrics=True,
-    )
+def _kw(loss_config: Any, mesh: Mesh | None, batch_axes: Sequence[str] | None) -> dict:
+    """The implementation keywords every loss takes, from ``config.loss``."""
+    return dict(impl=loss_config.impl, block_size=int(loss_config.block_size), mesh=mesh,
+                batch_axes=tuple(batch_axes) if batch_axes is not None else None)
 
 
 def _softmax(loss_config, mesh, batch_axes) -> Objective:
-    kw = _impl_kwargs(loss_config, mesh, batch_axes)
-    return lambda out, batch: softmax_contrastive_loss(out["image"], out["text"], scale=out["scale"], **kw)
+    kw = _kw(loss_config, mesh, batch_axes)
+    return lambda out, batch: softmax_contrastive_loss(out["image"], out["text"], scale=out["scale"],
+                                                       return_metrics=True, **kw)
 
 
 def _sigmoid(loss_config, mesh, batch_axes) -> Objective:
-    kw = _impl_kwargs(loss_config, mesh, batch_axes)
+    kw = _kw(loss_config, mesh, batch_axes)
     return lambda out, batch: sigmoid_contrastive_loss(
-        out["image"], out["text"], scale=out["scale"], bias=out["bias"], **kw
+        out["image"], out["text"], scale=out["scale"], bias=out["bias"], return_metrics=True, **kw
     )
-
-
-def _kw(loss_config, mesh, batch_axes) -> dict:
-    return dict(impl=loss_config.impl, block_size=int(loss_config.block_size), mesh=mesh,
-                batch_axes=tuple(batch_axes) if batch_axes is not None else None)
 
 
 def _need(d: dict, key: str, where: str, what: str):

@@ -159,21 +159,53 @@ def test_dense_sigmoid_matches_numpy(B, D, per_row):
     close(gb, rdb if per_row else rdb.sum(), name="dbias")
 
 
-@pytest.mark.parametrize("impl", ["dense"])
-@pytest.mark.parametrize("B", [1, 7, 128])
-def test_softmax_all_equal_is_log_b(impl, B):
-    # Every logit equals the scale, so each row/column softmax is uniform: loss = log B exactly.
-    x = np.tile(np.eye(1, 16, 3, dtype=np.float32), (B, 1))
-    loss = softmax_contrastive_loss(x, x, scale=7.0, impl=impl, block_size=16)
-    np.testing.assert_allclose(float(loss), math.log(B), rtol=1e-6, atol=1e-6)
+# The all-equal closed forms (dense and streamed) are in test_losses_streaming.py.
 
 
-@pytest.mark.parametrize("impl", ["dense"])
-@pytest.mark.parametrize("B,s,b", [(1, 10.0, -10.0), (9, 10.0, -10.0), (128, 3.0, 1.5)])
-def test_sigmoid_all_equal_closed_form(impl, B, s, b):
-    # All logits equal t = s + b: one positive and B-1 negatives per row.
-    x = np.tile(np.eye(1, 16, 5, dtype=np.float32), (B, 1))
-    t = s + b
-    expected = np.logaddexp(0, -t) + (B - 1) * np.logaddexp(0, t)
-    loss = sigmoid_contrastive_loss(x, x, scale=s, bias=b, impl=impl, block_size=16)
-    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+# ------------------------------------------------------------------------------------------
+# argument handling shared by every loss: the one impl check, the mask's name
+# ------------------------------------------------------------------------------------------
+
+
+def _all_losses():
+    """(name, fn(impl, **kw)) for every public loss that takes ``impl``."""
+    from contrastive_jax import losses as L
+
+    x, y = embeddings(8, 4, seed=11, sharpen=1.0)
+    g = np.arange(8) // 2
+    return {
+        "softmax": lambda **kw: L.softmax_contrastive_loss(x, y, scale=5.0, **kw),
+        "sigmoid": lambda **kw: L.sigmoid_contrastive_loss(x, y, scale=5.0, bias=-1.0, **kw),
+        "dcl": lambda **kw: L.decoupled_contrastive_loss(x, y, scale=5.0, **kw),
+        "hard_negative": lambda **kw: L.hard_negative_loss(x, y, scale=5.0, **kw),
+        "cwcl": lambda **kw: L.soft_target_loss(x, y, scale=5.0, targets=x, **kw),
+        "multi_positive": lambda **kw: L.multi_positive_loss(x, y, scale=5.0, groups=g, **kw),
+        "sigmoid_multi_positive": lambda **kw: L.sigmoid_multi_positive_loss(x, y, scale=5.0, bias=-1.0, groups=g,
+                                                                              **kw),
+        "nt_xent": lambda **kw: L.nt_xent_loss(np.stack([x, y], 1), scale=5.0, **kw),
+        "symile": lambda **kw: L.symile_loss([x, y, x], scale=5.0, **kw),
+        "distill": lambda **kw: L.similarity_distillation_loss(x, y, x, y, scale=5.0, teacher_scale=5.0, **kw),
+        "uniformity": lambda **kw: L.uniformity(x, **kw),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_all_losses()))
+def test_unknown_impl_is_rejected_by_every_loss_with_one_message(name):
+    with pytest.raises(ValueError, match=r"^unknown impl 'flash'; known: dense, chunked, ring$"):
+        _all_losses()[name](impl="flash")
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_weights_is_a_deprecated_alias_of_valid(impl):
+    x, y = embeddings(16, 8, seed=12, sharpen=1.0)
+    w = np.linspace(0.0, 2.0, 16).astype(np.float32)  # w[0] == 0: padding
+    kw = dict(impl=impl, block_size=5, return_metrics=True)
+    for f in (lambda **k: softmax_contrastive_loss(x, y, scale=6.0, label_smoothing=0.1, **k),
+              lambda **k: sigmoid_contrastive_loss(x, y, scale=6.0, bias=-2.0, **k)):
+        new = f(valid=w, **kw)
+        with pytest.warns(DeprecationWarning, match="valid="):
+            old = f(weights=w, **kw)
+        assert float(old[0]) == float(new[0])
+        assert {k: float(v) for k, v in old[1].items()} == {k: float(v) for k, v in new[1].items()}
+        with pytest.raises(TypeError, match="valid= only"):
+            f(valid=w, weights=w, **kw)

@@ -1,8 +1,9 @@
 """chunked / ring (and dense under sharding) against the float64 numpy reference.
 
 Meshes of 1, 2, 4 and 8 simulated devices (and no mesh at all), block sizes that do and do not
-divide the (per-device) batch, every option, metrics, bf16, and a compiled-HLO check that no
-[B, B] array exists.
+divide the (per-device) batch, every option, metrics, bf16, the closed forms of all-equal
+logits (dense too), the driver's own checks, and a compiled-HLO check that no [B, B] array
+exists.
 """
 import functools
 import math
@@ -16,7 +17,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from contrastive_jax.losses import sigmoid_contrastive_loss, softmax_contrastive_loss
-from contrastive_jax.losses._streaming import resolve_mesh
+from contrastive_jax.losses import kernels, streaming
+from contrastive_jax.losses.streaming import resolve_mesh
 from test_losses import close, embeddings, np_sigmoid, np_softmax
 
 B, D = 128, 16  # per-device batch 128, 64, 32, 16 on 1, 2, 4, 8 devices
@@ -122,7 +124,7 @@ def test_softmax_options_match_numpy(impl, n, block, opts):
     (loss, metrics), grads = jax.jit(
         jax.value_and_grad(
             lambda x, y, s: softmax_contrastive_loss(
-                x, y, scale=s, impl=impl, block_size=block, mesh=make_mesh(n), weights=w,
+                x, y, scale=s, impl=impl, block_size=block, mesh=make_mesh(n), valid=w,
                 return_metrics=True, **opts),
             argnums=(0, 1, 2), has_aux=True,
         )
@@ -150,7 +152,7 @@ def test_sigmoid_options_match_numpy(impl, n, block, opts):
     (loss, metrics), grads = jax.jit(
         jax.value_and_grad(
             lambda x, y, s, b: sigmoid_contrastive_loss(
-                x, y, scale=s, bias=b, impl=impl, block_size=block, mesh=make_mesh(n), weights=w,
+                x, y, scale=s, bias=b, impl=impl, block_size=block, mesh=make_mesh(n), valid=w,
                 return_metrics=True),
             argnums=(0, 1, 2, 3), has_aux=True,
         )
@@ -256,26 +258,38 @@ def place_spec(mesh, spec, *arrays):
     return tuple(jax.device_put(a, NamedSharding(mesh, spec)) for a in arrays)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "ring"])
-@pytest.mark.parametrize("n,Bq,block", [(None, 7, 3), (None, 1, 4), (8, 128, 5)])
+# Dense runs eagerly (as a user would call it), the streamed impls jitted on and off a mesh.
+ALL_EQUAL_SOFTMAX = [("dense", None, Bq, 16) for Bq in (1, 7, 128)]
+ALL_EQUAL_SOFTMAX += [(i, n, Bq, blk) for i in ("chunked", "ring")
+                      for n, Bq, blk in [(None, 7, 3), (None, 1, 4), (8, 128, 5)]]
+
+
+@pytest.mark.parametrize("impl,n,Bq,block", ALL_EQUAL_SOFTMAX)
 def test_softmax_all_equal_is_log_b(impl, n, Bq, block):
+    # Every logit equals the scale, so each row/column softmax is uniform: loss = log B exactly.
     x = np.tile(np.eye(1, 16, 3, dtype=np.float32), (Bq, 1))
     mesh = make_mesh(n)
-    f = jax.jit(lambda x: softmax_contrastive_loss(x, x, scale=7.0, impl=impl, block_size=block, mesh=mesh))
-    loss = f(*place(mesh, x))
+    f = lambda x: softmax_contrastive_loss(x, x, scale=7.0, impl=impl, block_size=block, mesh=mesh)
+    loss = (f if impl == "dense" else jax.jit(f))(*place(mesh, x))
     np.testing.assert_allclose(float(loss), math.log(Bq), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["chunked", "ring"])
-@pytest.mark.parametrize("n,Bq,s,b", [(None, 9, 10.0, -10.0), (8, 128, 3.0, 1.5)])
-def test_sigmoid_all_equal_closed_form(impl, n, Bq, s, b):
+ALL_EQUAL_SIGMOID = [("dense", None, Bq, s, b, 16, 1e-6)
+                     for Bq, s, b in [(1, 10.0, -10.0), (9, 10.0, -10.0), (128, 3.0, 1.5)]]
+ALL_EQUAL_SIGMOID += [(i, n, Bq, s, b, 7, 1e-5) for i in ("chunked", "ring")
+                      for n, Bq, s, b in [(None, 9, 10.0, -10.0), (8, 128, 3.0, 1.5)]]
+
+
+@pytest.mark.parametrize("impl,n,Bq,s,b,block,rtol", ALL_EQUAL_SIGMOID)
+def test_sigmoid_all_equal_closed_form(impl, n, Bq, s, b, block, rtol):
+    # All logits equal t = s + b: one positive and B-1 negatives per row.
     x = np.tile(np.eye(1, 16, 5, dtype=np.float32), (Bq, 1))
     t = s + b
     expected = np.logaddexp(0, -t) + (Bq - 1) * np.logaddexp(0, t)
     mesh = make_mesh(n)
-    f = jax.jit(lambda x: sigmoid_contrastive_loss(x, x, scale=s, bias=b, impl=impl, block_size=7, mesh=mesh))
-    loss = f(*place(mesh, x))
-    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    f = lambda x: sigmoid_contrastive_loss(x, x, scale=s, bias=b, impl=impl, block_size=block, mesh=mesh)
+    loss = (f if impl == "dense" else jax.jit(f))(*place(mesh, x))
+    np.testing.assert_allclose(float(loss), expected, rtol=rtol)
 
 
 @pytest.mark.parametrize("impl,n", [("dense", None), ("chunked", 4), ("ring", 4)])
@@ -302,6 +316,29 @@ def test_indivisible_batch_on_mesh_is_an_error():
         softmax_contrastive_loss(x, y, scale=1.0, impl="ring", mesh=make_mesh(8))
     with pytest.raises(ValueError, match="unknown impl"):
         softmax_contrastive_loss(x, y, scale=1.0, impl="flash")
+
+
+def test_pair_stats_dense_and_streamed_agree_and_reserved_names_are_refused():
+    # The driver's own checks, below the losses: pair_stats' dense reference (with metrics) is
+    # the streamed kernel's, and names the driver or the kernel use cannot be extras.
+    x, y = embeddings(24, 8, seed=9, sharpen=1.0)
+    s = np.full(24, 5.0, np.float32)
+    valid = np.arange(24) % 7 != 3
+    kw = dict(alphas=(1.0, 0.5), mask_fn=lambda r, c, cos: cos < 0.9, with_metrics=True,
+              weight_fn=lambda r, c, cos: (jnp.exp(cos), jnp.exp(cos)))
+    dense = kernels.pair_stats(x, y, s, valid, impl="dense", **kw)
+    for impl, n in (("chunked", None), ("ring", 4)):
+        mesh = make_mesh(n)
+        out = jax.jit(lambda x, y: kernels.pair_stats(x, y, s, valid, impl=impl, block_size=5, mesh=mesh, **kw))(
+            *place(mesh, x, y))
+        assert set(out) == set(dense)
+        for k in dense:
+            close(out[k], dense[k], name=f"{impl} {k}")
+    for bad in ("_g0", "gid", "b"):
+        with pytest.raises(ValueError, match="reserved"):
+            kernels.pair_stats(x, y, s, valid, row_extra={bad: s})
+    with pytest.raises(ValueError, match="chunked"):
+        streaming.stream(None, x, y, s, valid, impl="dense", block_size=4)
 
 
 # ------------------------------------------------------------------------------------------
