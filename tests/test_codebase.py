@@ -1,7 +1,6 @@
 """Properties of the code base as a whole: light imports, short functions, one step builder."""
 import ast
 import json
-import os
 import pathlib
 import subprocess
 import sys

@@ -3,7 +3,6 @@
 The reference (``np_softmax`` / ``np_sigmoid``) is written from the formulas with hand-derived
 gradients, independent of the library code.
 """
-import math
 
 import jax
 import jax.numpy as jnp
