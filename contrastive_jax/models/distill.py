@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from contrastive_jax.config_tree import merge_onto
 from contrastive_jax.models import config as model_config_lib
 
 
@@ -54,17 +55,14 @@ class Distill(nn.Module):
 _FREE_FORM = ("extra", "towers", "teacher")
 
 
-def _merged(base: ml_collections.ConfigDict, update, path: str = "model.teacher",
-            free: bool = False) -> ml_collections.ConfigDict:
-    for key, value in update.items():
-        if not free and key not in base:
-            raise ValueError(f"{path}.{key}: unknown field; known: {', '.join(sorted(base.keys()))}")
-        if key in base and isinstance(base[key], ml_collections.ConfigDict) and hasattr(value, "items"):
-            _merged(base[key], value, f"{path}.{key}", free or key in _FREE_FORM)
-        else:
-            with base.unlocked():
-                base[key] = value
-    return base
+def _is_free_form(path: str) -> bool:
+    # Below the teacher's root ('model.teacher', itself checked), a group named like a free-form
+    # group and everything inside it.
+    return any(part in _FREE_FORM for part in path.split(".")[2:])
+
+
+def _unknown(path: str, group) -> ValueError:
+    return ValueError(f"{path}: unknown field; known: {', '.join(sorted(group.keys()))}")
 
 
 def teacher_config(model_config) -> ml_collections.ConfigDict:
@@ -76,4 +74,5 @@ def teacher_config(model_config) -> ml_collections.ConfigDict:
     """
     if "teacher" not in model_config or not model_config.teacher:
         raise ValueError("model.name='distill' needs model.teacher: the teacher's model config")
-    return _merged(model_config_lib.defaults(), model_config.teacher)
+    return merge_onto(model_config_lib.defaults(), model_config.teacher, path="model.teacher",
+                      is_free_form=_is_free_form, unknown=_unknown)

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from contrastive_jax.config_tree import merge_onto
 from contrastive_jax.data import config as data_config
 from contrastive_jax.evaluate import config as eval_config
 from contrastive_jax.losses import config as loss_config
@@ -169,25 +170,13 @@ def _is_free_form(path: str) -> bool:
 
 
 def merge(base: ConfigDict, update: ConfigDict | dict, *, source: str, prefix: str = "") -> ConfigDict:
-    """Recursively copies ``update`` onto ``base`` (in place); unknown keys raise ConfigError."""
-    items = update.items() if isinstance(update, (dict, ConfigDict)) else []
-    for key, value in items:
-        path = f"{prefix}{key}"
-        if key not in base:
-            if _is_free_form(prefix.rstrip(".")):
-                with base.unlocked():
-                    base[key] = value
-                continue
-            raise ConfigError(
-                f"unknown config key '{path}' in {source}; known keys at this level: "
-                f"{', '.join(sorted(base.keys()))}"
-            )
-        if isinstance(base[key], ConfigDict) and isinstance(value, (dict, ConfigDict)):
-            merge(base[key], value, source=source, prefix=path + ".")
-        else:
-            with base.unlocked():
-                base[key] = value
-    return base
+    """Recursively copies ``update`` onto ``base`` (in place); unknown keys raise ConfigError
+    naming the key and ``source``."""
+    def unknown(path, group):
+        return ConfigError(f"unknown config key '{path}' in {source}; known keys at this level: "
+                           f"{', '.join(sorted(group.keys()))}")
+
+    return merge_onto(base, update, path=prefix.rstrip("."), is_free_form=_is_free_form, unknown=unknown)
 
 
 def config_file(path: str, arg: str | None = None) -> ConfigDict:
