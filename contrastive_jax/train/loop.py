@@ -1,10 +1,11 @@
 """The outer training loop: the only place with side effects (data I/O, logging, checkpoints).
 
 ``train(config, workdir)`` prepares the data and tokenizer, builds everything else with
-:func:`contrastive_jax.train.build_training` (the same builder the benchmarks use), restores the newest GOOD checkpoint in ``workdir`` if there is one (state, EMA, RNG, step AND the
-data-iterator position; an unreadable checkpoint is set aside and the previous one used) or
-initializes from ``checkpoint.init_from``, runs the jitted step, evaluates every eval interval and
-at the end, and writes ``WORKDIR/summary.json``.
+:func:`contrastive_jax.train.build_training` (the same builder the benchmarks use), restores the
+newest GOOD checkpoint in ``workdir`` if there is one (state, EMA, RNG, step AND the data-iterator
+position; an unreadable checkpoint is set aside and the previous one used) or initializes from
+``checkpoint.init_from``, runs the jitted step, evaluates every eval interval and at the end, and
+writes ``WORKDIR/summary.json``.
 
 Stopping early, safely: SIGTERM (a preemption notice) or ``train.deadline_minutes`` makes the loop
 save a checkpoint at the current step and return ``{"complete": False, "preempted": reason}``; the
