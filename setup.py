@@ -35,9 +35,19 @@ setup(
         "safetensors>=0.4.1",  # .safetensors checkpoints without PyTorch (interop); bf16 via numpy since 0.4.1
     ],
     extras_require={
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-learn>=1.4", "nbclient>=0.7", "nbformat>=5.7", "ipykernel>=6.20.1"],
+        # The peers the tests measure parity against run inside the tests (open_clip_torch with its
+        # packaged BPE vocabulary, transformers), plus moto's S3-compatible server for object-storage
+        # workdirs; torch itself is installed first by .ci/run (see the README).
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-learn>=1.4", "nbclient>=0.7", "nbformat>=5.7",
+                 "ipykernel>=6.20.1", "open_clip_torch>=3.0", "transformers>=4.50", "tokenizers>=0.21",
+                 "ftfy>=6.1", "regex>=2023.0", "moto[server]>=5.0", "s3fs>=2024.6"],
         "tf": ["tensorflow>=2.16"],
         "torch": ["torch>=2.2"],
+        # Exact CLIP text cleaning/splitting (as open_clip does it) and Hugging Face tokenizer.json files.
+        "clip": ["ftfy>=6.1", "regex>=2023.0"],
+        "hf": ["tokenizers>=0.21", "safetensors>=0.4.1"],
+        "s3": ["s3fs>=2024.6"],
+        "gcs": ["gcsfs>=2024.6"],
     },
     entry_points={"console_scripts": ["contrastive-jax=contrastive_jax.cli:main"]},
 )
