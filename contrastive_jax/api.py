@@ -65,6 +65,64 @@ def load(path: str | os.PathLike, *, step: int | None = None, ema: bool = False,
     raise FileNotFoundError(f"{path}: neither a run/model directory nor a checkpoint file")
 
 
+def _check_texts(texts: Any, what: str) -> list[str]:
+    """A list of str, or TypeError naming the argument (and the index of the first non-string).
+    One string is refused: iterating it would silently make one item per character."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{what} must be a list of strings, got one string {texts[:40]!r}; wrap it: [{texts[:40]!r}]")
+    if not isinstance(texts, Sequence) and not isinstance(texts, np.ndarray):
+        raise TypeError(f"{what} must be a list of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{what}[{i}] must be a str, got {type(t).__name__} {t!r:.40}")
+    return texts
+
+
+def _rescale(arr: np.ndarray, value_range: tuple[float, float] | None) -> np.ndarray:
+    """Float images -> float32 in [0, 1] (from ``value_range``, default (0, 1)); uint8 unchanged.
+    Raises ValueError for values outside the range (0..255 floats read as 0..1 embed wrongly)."""
+    if arr.dtype == np.uint8:
+        if value_range is not None and tuple(value_range) != (0, 255):
+            raise ValueError(f"value_range={value_range} does not apply to uint8 images (always 0..255)")
+        return arr
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+        raise TypeError(f"images must be uint8 or float arrays, got dtype {arr.dtype}")
+    lo, hi = (0.0, 1.0) if value_range is None else (float(value_range[0]), float(value_range[1]))
+    if not hi > lo:
+        raise ValueError(f"value_range must be (low, high) with high > low, got {value_range}")
+    arr = arr.astype(np.float32)
+    if arr.size and (arr.min() < lo - 1e-3 * (hi - lo) or arr.max() > hi + 1e-3 * (hi - lo)):
+        hint = " (pass value_range=(0, 255) for 0..255 floats, or uint8)" if value_range is None else ""
+        raise ValueError(f"float image values span [{arr.min():g}, {arr.max():g}], outside "
+                         f"value_range=({lo:g}, {hi:g}){hint}")
+    return np.clip((arr - lo) / (hi - lo), 0.0, 1.0) if value_range is not None else arr
+
+
+def _as_rgb(arr: np.ndarray, *, batched: bool) -> np.ndarray:
+    """``[N, H, W(, 1|3)]`` (batched) or ``[H, W(, 1|3)]`` -> ``[N, H, W, 3]`` / ``[H, W, 3]``:
+    grayscale repeated to 3 channels. Batched input of rank 3 is ``[N, H, W]`` gray unless its last
+    axis is 3 (then one ``[H, W, 3]`` image, as before)."""
+    shape = arr.shape
+    if batched:
+        if arr.ndim == 2:  # [H, W] one gray image
+            arr = arr[None, ..., None]
+        elif arr.ndim == 3:
+            arr = arr[None] if shape[-1] == 3 else arr[..., None]
+        if arr.ndim != 4:
+            raise ValueError(f"images must be [N, H, W, 3], [H, W, 3], [N, H, W] or [H, W], got shape {shape}")
+    else:
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        if arr.ndim != 3:
+            raise ValueError(f"an image must be [H, W, 3] or [H, W], got shape {shape}")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.shape[-1] != 3:
+        raise ValueError(f"images need 1 or 3 channels (last axis), got shape {shape}")
+    return arr
+
+
 def _bucket(n: int, batch_size: int) -> int:
     """Rows per encode call: the next power of two >= n, capped at batch_size (few compiles,
     little padding)."""
@@ -96,6 +154,19 @@ class Model:
         """The learned temperature's inverse, ``exp(log_scale)`` clamped at ``model.max_scale``."""
         return float(min(np.exp(np.asarray(self.params["log_scale"])), float(self.config.model.max_scale)))
 
+    @property
+    def activation(self) -> str:
+        """``'sigmoid'`` for models trained with a sigmoid loss (SigLIP: per-pair probabilities
+        ``sigmoid(scale * cos + bias)``), else ``'softmax'`` (CLIP: a distribution over classes)."""
+        loss = getattr(self.config, "loss", None)
+        name = str(loss.get("name", "") if hasattr(loss, "get") else getattr(loss, "name", "")) if loss is not None else ""
+        return "sigmoid" if name.startswith("sigmoid") else "softmax"
+
+    @property
+    def logit_bias(self) -> float:
+        """The learned logit bias (``params['bias']``; 0.0 when the model has none)."""
+        return float(np.asarray(self.params["bias"])) if "bias" in self.params else 0.0
+
     def __repr__(self) -> str:
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
         return (f"Model({type(self.module).__name__}, modalities={self.modalities}, params={n:,}, "
@@ -117,32 +188,31 @@ class Model:
 
     # -- inputs ------------------------------------------------------------------------------
 
-    def preprocess_images(self, images: Any) -> np.ndarray:
+    def preprocess_images(self, images: Any, *, value_range: tuple[float, float] | None = None) -> np.ndarray:
         """Images -> float32 ``[N, S, S, 3]`` normalized with ``config.data.mean/std``.
 
         Accepts a uint8 array (0..255) or a float array (0..1) of shape ``[N, H, W, 3]`` or
         ``[H, W, 3]``, or a list of such arrays, PIL images or file paths. Grayscale / RGBA inputs
         of PIL images and files are converted to RGB; arrays of another size are resized and
-        centre-cropped (floats go through uint8 for that).
+        centre-cropped (floats go through uint8 for that). Grayscale arrays ``[N, H, W]`` / ``[H, W]``
+        (or a trailing channel of 1) are expanded to 3 channels. Float images must lie in [0, 1]
+        unless ``value_range=(lo, hi)`` says otherwise (e.g. ``(0, 255)``): they are rescaled to
+        [0, 1]; values outside the range raise ``ValueError`` (read as 0..1 they would embed wrongly).
         """
         if isinstance(images, (np.ndarray, jax.Array)):
-            arr = np.asarray(images)
-            if arr.ndim == 3:
-                arr = arr[None]
-            if arr.ndim != 4 or arr.shape[-1] != 3:
-                raise ValueError(f"images must be [N, H, W, 3] or [H, W, 3] RGB, got shape {arr.shape}")
+            arr = _as_rgb(_rescale(np.asarray(images), value_range), batched=True)
             if arr.shape[1:3] == (self.image_size, self.image_size):
                 return self._normalize(arr)
-            images = list(arr)
+            images, value_range = list(arr), None  # already rescaled to 0..1 above
         if isinstance(images, (str, os.PathLike)) or not isinstance(images, Sequence):
             raise TypeError("images: an array [N, H, W, 3] or a list of arrays / PIL images / paths, "
                             f"got {type(images).__name__}")
         if not len(images):
             return np.zeros((0, self.image_size, self.image_size, 3), np.float32)
         # Per image: a list may mix uint8 and float images, which normalize differently.
-        return np.stack([self._normalize(self._fit(img)) for img in images])
+        return np.stack([self._normalize(self._fit(img, value_range)) for img in images])
 
-    def _fit(self, img: Any) -> np.ndarray:
+    def _fit(self, img: Any, value_range: tuple[float, float] | None = None) -> np.ndarray:
         from PIL import Image
 
         from contrastive_jax.data.transforms import resize_center_crop
@@ -153,9 +223,7 @@ class Model:
         elif isinstance(img, Image.Image):
             img = img.convert("RGB")
         else:
-            arr = np.asarray(img)
-            if arr.ndim != 3 or arr.shape[-1] != 3:
-                raise ValueError(f"an image must be [H, W, 3] RGB, got shape {arr.shape}")
+            arr = _as_rgb(_rescale(np.asarray(img), value_range), batched=False)
             if arr.shape[:2] == (self.image_size, self.image_size):
                 return arr
             if arr.dtype != np.uint8:
@@ -175,9 +243,7 @@ class Model:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass vocab='bpe_simple_vocab_16e6.txt.gz' (CLIP's "
                              "merges file) to contrastive_jax.load")
-        if isinstance(texts, str):
-            raise TypeError("encode_texts takes a list of strings (got one string)")
-        return np.asarray(self.tokenizer.encode(list(texts)), np.int32)
+        return np.asarray(self.tokenizer.encode(_check_texts(texts, "texts")), np.int32)
 
     # -- encoders ----------------------------------------------------------------------------
 
@@ -195,10 +261,12 @@ class Model:
 
         return encode_in_batches(encode, x, _bucket(x.shape[0], batch_size))
 
-    def encode_images(self, images: Any, *, batch_size: int = 128) -> np.ndarray:
-        """Images (see :meth:`preprocess_images`) -> float32 ``[N, D]``, unit L2 norm."""
+    def encode_images(self, images: Any, *, batch_size: int = 128,
+                      value_range: tuple[float, float] | None = None) -> np.ndarray:
+        """Images (see :meth:`preprocess_images`, also for ``value_range``) -> float32 ``[N, D]``,
+        unit L2 norm."""
         self._encoder("image")  # a model without images fails before any preprocessing
-        return self._run("image", self.preprocess_images(images), batch_size)
+        return self._run("image", self.preprocess_images(images, value_range=value_range), batch_size)
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 256) -> np.ndarray:
         """``list[str]`` -> float32 ``[N, D]``, unit L2 norm."""
@@ -222,6 +290,7 @@ class Model:
         """
         from contrastive_jax.evaluate.zero_shot import load_templates, prompt_class_embeddings
 
+        class_names = _check_texts(class_names, "class_names")
         if self.tokenizer is None:
             self.tokenize([])  # raises the error that says how to give the model a tokenizer
         if prompts is not None:
@@ -244,8 +313,10 @@ class Model:
 
 
 class ZeroShotClassifier:
-    """``classifier(images) -> float32 [N, C]`` class probabilities (softmax over classes of the
-    model's ``logit_scale`` times the cosine similarity).
+    """``classifier(images) -> float32 [N, C]`` class probabilities: for CLIP-style (softmax-trained)
+    models a softmax over classes of ``logit_scale * cos``; for sigmoid-trained models (SigLIP)
+    independent per-class ``sigmoid(logit_scale * cos + logit_bias)``, which need not sum to 1.
+    ``activation`` says which (``'softmax'`` / ``'sigmoid'``).
 
     Every method takes images (anything :meth:`Model.encode_images` takes) or, to encode once and
     reuse, ``embeddings=`` from :meth:`Model.encode_images`.
@@ -259,16 +330,26 @@ class ZeroShotClassifier:
                  class_embeddings: np.ndarray):
         self.model, self.class_names, self.templates = model, class_names, templates
         self.class_embeddings = class_embeddings
+        self.activation = model.activation
+
+    def __repr__(self) -> str:
+        return (f"ZeroShotClassifier(classes={len(self.class_names)}, activation={self.activation!r}, "
+                f"templates={None if self.templates is None else len(self.templates)})")
 
     def logits(self, images: Any = None, *, embeddings: np.ndarray | None = None) -> np.ndarray:
-        """``logit_scale * cos(image, class)``: float32 ``[N, C]``."""
+        """``logit_scale * cos(image, class)`` (plus ``logit_bias`` for sigmoid models): float32 ``[N, C]``."""
         if (images is None) == (embeddings is None):
             raise TypeError("pass images or embeddings=")
         emb = self.model.encode_images(images) if embeddings is None else np.asarray(embeddings, np.float32)
-        return self.model.logit_scale * (emb @ self.class_embeddings.T)
+        logits = self.model.logit_scale * (emb @ self.class_embeddings.T)
+        if self.activation == "sigmoid":
+            logits = logits + self.model.logit_bias
+        return logits.astype(np.float32)
 
     def __call__(self, images: Any = None, *, embeddings: np.ndarray | None = None) -> np.ndarray:
         logits = self.logits(images, embeddings=embeddings)
+        if self.activation == "sigmoid":
+            return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
         logits = logits - logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
