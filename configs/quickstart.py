@@ -36,6 +36,7 @@ def get_config(arg=None):
         c.model.image.update(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64)
         c.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64)
         c.train.update(batch_size=32, total_steps=20, log_every_steps=5)
+        c.optim.update(warmup_steps=5)  # the full run's 50 would outlast the 20-step smoke run
         # Smoke runs: the cheap evaluators only, no PNG report (both are tested on their own).
         c.eval.update(every_steps=10, batch_size=64, evaluators=["zero_shot", "retrieval"], write_report=False)
         c.checkpoint.update(every_steps=5, keep=2)

@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from contrastive_jax.commands import COMMANDS
+from contrastive_jax.commands import COMMANDS, EXIT_CONFIG_ERROR
 
 
 def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -25,7 +25,9 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
             body = arg[len("--config."):]
             if "=" not in body:
                 if i + 1 >= len(argv):
-                    raise SystemExit(f"error: {arg} needs a value")
+                    print(f"contrastive-jax: config error: {arg} needs a value (--config.a.b=VALUE)",
+                          file=sys.stderr)
+                    raise SystemExit(EXIT_CONFIG_ERROR)
                 body = f"{body}={argv[i + 1]}"
                 i += 1
             overrides.append(body)
@@ -60,7 +62,17 @@ def main(argv: list[str] | None = None) -> int:
         # tfds/absl warn about things that are expected here (custom builder configs, PIL
         # instead of OpenCV); keep the terminal for our own progress and results.
         logging.getLogger("absl").setLevel(logging.ERROR)
-    return int(_command_module(args.command).run(args, overrides))
+    try:
+        return int(_command_module(args.command).run(args, overrides))
+    except ValueError as e:
+        # A ConfigError from any depth of any command is the user's to fix: one line, exit 2. The
+        # class is looked up where it was raised from, so commands that never load the run schema
+        # (data convert) do not pay for importing it.
+        config_module = sys.modules.get("contrastive_jax.train.config")
+        if config_module is None or not isinstance(e, config_module.ConfigError):
+            raise
+        print(f"contrastive-jax: config error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -33,7 +35,11 @@ def add_arguments(parser) -> None:
     c.add_argument("--class-template", default="a photo of a {}.", help="classes format: caption")
     c.add_argument("--max-bad-fraction", type=float, default=0.05,
                    help="fail if more than this fraction of records is bad")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset and validate every record again (clears the cache)")
+    c.add_argument("--encoding", default=None,
+                   help="text encoding of the captions file (default: detected: UTF-8, a byte-order "
+                        "mark, else cp1252 / latin-1, reported as captions_encoding)")
     c.add_argument("--no-progress", action="store_true")
 
     t = sub.add_parser("train-tokenizer", help="train a SentencePiece model on a dataset's captions")
@@ -48,29 +54,63 @@ def add_arguments(parser) -> None:
     t.add_argument("--output", required=True, help="the .model file to write")
 
 
-def run(args, overrides) -> int:
-    if overrides:
-        print("contrastive-jax data: --config.* overrides are not used here", file=sys.stderr)
-        return 2
-    if args.data_command == "convert":
-        from contrastive_jax.data.convert import ConversionError, convert
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Sends everything written to stdout meanwhile (TFDS's "Downloading and preparing ..." lines,
+    libraries printing from C) to stderr, so that a command's stdout is its JSON result alone."""
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # e.g. a captured stream in tests
+        fd = None
+    saved = os.dup(fd) if fd is not None else None
+    if saved is not None:
+        os.dup2(sys.stderr.fileno(), fd)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, fd)
+            os.close(saved)
 
-        try:
+
+def _convert(args) -> int:
+    from contrastive_jax.data.convert import ConversionError, convert
+
+    try:
+        with stdout_to_stderr():
             report = convert(
                 args.source, name=args.name, data_dir=args.data_dir, format=args.format,
                 captions=args.captions, class_template=args.class_template,
                 test_fraction=args.test_fraction, validation_fraction=args.validation_fraction,
                 seed=args.seed, version=args.version, max_bad_fraction=args.max_bad_fraction,
-                overwrite=args.overwrite, progress=not args.no_progress)
-        except ConversionError as e:
-            print(f"contrastive-jax data convert: {e}", file=sys.stderr)
-            return 1
-        summary = {k: v for k, v in report.items() if k != "skipped"}
-        summary["first_skipped"] = report["skipped"][:20]
-        print(json.dumps(summary, indent=2))
-        print(f"train with: --config.data.name={args.name} --config.data.data_dir={args.data_dir}",
-              file=sys.stderr)
-        return 0
+                overwrite=args.overwrite, progress=not args.no_progress, encoding=args.encoding)
+    except ConversionError as e:
+        print(f"contrastive-jax data convert: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        # A read-only or foreign --data-dir: the user's to fix, in one line.
+        print(f"contrastive-jax data convert: cannot write {e.filename or args.data_dir} ({e.strerror}); "
+              "choose another --data-dir", file=sys.stderr)
+        return 2
+    summary = {k: v for k, v in report.items() if k != "skipped"}
+    summary["first_skipped"] = report["skipped"][:20]
+    print(json.dumps(summary, indent=2), flush=True)
+    print(f"train with: --config.data.name={args.name} --config.data.data_dir={args.data_dir}",
+          file=sys.stderr)
+    return 0
+
+
+def run(args, overrides) -> int:
+    if overrides:
+        print("contrastive-jax data: --config.* overrides are not used here", file=sys.stderr)
+        return 2
+    if args.data_command == "convert":
+        return _convert(args)
 
     from contrastive_jax.data.config import defaults
     from contrastive_jax.data.convert import iter_captions
@@ -79,8 +119,13 @@ def run(args, overrides) -> int:
     cfg = defaults()
     cfg.name, cfg.data_dir = args.name, args.data_dir
     rules = TextRules(lowercase=not args.no_lowercase, clean=args.clean)
-    proto = train_sentencepiece(iter_captions(cfg, args.split), vocab_size=args.vocab_size,
-                                rules=rules, model_type=args.model_type)
+    try:
+        with stdout_to_stderr():  # sentencepiece's trainer logs; stdout carries the JSON result only
+            proto = train_sentencepiece(iter_captions(cfg, args.split), vocab_size=args.vocab_size,
+                                        rules=rules, model_type=args.model_type)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"contrastive-jax data train-tokenizer: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "wb") as f:
         f.write(proto)

@@ -1,9 +1,12 @@
 """``contrastive-jax eval --checkpoint WORKDIR[/checkpoints/STEP] [--config FILE[:ARG]] [--config.a.b=v ...]``.
 
-Loads a run's model and params (``contrastive_jax.train.restore.load_run``), runs every evaluator
-of ``config.eval`` and writes ``eval.json`` (default: into the run directory). The run's own
-config is used; ``--config FILE`` replaces its ``eval`` group (and ``data`` fields other than the
-ones the model was trained with are left alone), and ``--config.eval.x=v`` overrides apply last.
+Loads a run's model and params (as ``contrastive_jax.train.restore.load_run``), runs every
+evaluator of ``config.eval``, writes ``eval.json`` (default: into the run directory; ``--output``
+elsewhere, e.g. for a read-only run directory) atomically and prints the same JSON on stdout (the
+only thing on stdout; logs go to stderr). ``step`` in it is the checkpoint actually evaluated.
+The run's own config is used; ``--config FILE`` replaces its ``eval`` group (and ``data`` fields
+other than the ones the model was trained with are left alone), and ``--config.eval.x=v``
+overrides apply last. An output that cannot be written fails in one line before evaluating.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 
 HELP = "evaluate a checkpoint with the evaluators of config.eval; writes eval.json"
@@ -34,20 +38,47 @@ def split_checkpoint(path: str, step: int | None) -> tuple[str, int | None]:
     return path, step
 
 
+def load_run_and_step(workdir: str, step: int | None):
+    """``(config, model, params, tokenizer, step)``: :func:`contrastive_jax.train.restore.load_run`
+    plus the checkpoint step actually restored (with ``step=None`` the newest readable one, which
+    is an older one when the newest is unreadable)."""
+    import flax.linen as nn
+    import jax
+
+    from contrastive_jax.parallel.logical import param_shardings
+    from contrastive_jax.parallel.mesh import make_mesh
+    from contrastive_jax.train.builder import build_model
+    from contrastive_jax.train.restore import load_config_json, load_tokenizer, restore_params
+
+    # The same steps as load_run (train/restore.py), which does not return the step it used.
+    config = load_config_json(workdir)
+    tokenizer = load_tokenizer(workdir)
+    built = build_model(config, tokenizer)
+    mesh = make_mesh([("data", 1)], jax.local_devices()[:1])
+    abstract = jax.eval_shape(lambda *xs: built.model.init(jax.random.key(0), *xs), *built.inputs)["params"]
+    shardings = param_shardings(abstract, config.sharding, mesh)
+    used, params = restore_params(workdir, nn.meta.unbox(abstract), shardings, step=step)
+    return config, built.model, params, tokenizer, int(used)
+
+
 def build_runner_from_checkpoint(checkpoint: str, step: int | None, *, overrides, eval_config_spec: str | None = None):
     """``(EvalRunner, params placed on the mesh, config)`` for a finished or running run."""
+    return build_runner_and_step(checkpoint, step, overrides=overrides, eval_config_spec=eval_config_spec)[:3]
+
+
+def build_runner_and_step(checkpoint: str, step: int | None, *, overrides, eval_config_spec: str | None = None):
+    """:func:`build_runner_from_checkpoint` plus the checkpoint step actually restored."""
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from contrastive_jax.evaluate import EvalRunner
     from contrastive_jax.parallel.mesh import batch_axes_of, make_mesh
     from contrastive_jax.train.config import apply_override, load_config
-    from contrastive_jax.train.restore import load_run  # the trainer's loader (train/restore.py)
 
     workdir, step = split_checkpoint(checkpoint, step)
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"no such run directory: {workdir}")
-    config, model, params, tokenizer = load_run(workdir, step)
+    config, model, params, tokenizer, used = load_run_and_step(workdir, step)
     if eval_config_spec:
         other = load_config(eval_config_spec)
         with config.unlocked():
@@ -61,36 +92,93 @@ def build_runner_from_checkpoint(checkpoint: str, step: int | None, *, overrides
     shardings = jax.tree.map(lambda _: replicated, params)
     params = jax.device_put(params, shardings)
     runner = EvalRunner(config, model, mesh, axes, shardings, tokenizer)
-    return runner, params, config
+    return runner, params, config, used
+
+
+def check_writable(path: str, what: str) -> str | None:
+    """None when a file can be created next to ``path`` (by trying: permission bits say nothing
+    for root or on a read-only mount), else the one-line reason naming ``what`` to pass instead."""
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    if os.path.isdir(path):
+        return f"{path} is a directory; {what}"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".eval-write-test-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        return f"cannot write {path} ({e.strerror or e}); {what}"
+    return None
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+    """Writes ``path`` whole or not at all: a temporary file in the same folder, then
+    ``os.replace`` (a reader never sees half a file; an earlier eval.json survives a failure)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2, default=_to_json)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _to_json(value):
+    """numpy / jax scalars and arrays in results -> Python numbers and lists; anything else as its
+    text (a result is never lost to a value JSON cannot hold)."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def _fail(message: str) -> int:
+    print(f"contrastive-jax eval: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
 
 
 def run(args, overrides) -> int:
+    from contrastive_jax.commands.data import stdout_to_stderr
     from contrastive_jax.train.config import ConfigError
 
     t0 = time.time()
+    workdir, step = split_checkpoint(args.checkpoint, args.step)
+    path = os.path.abspath(os.path.expanduser(args.output)) if args.output else os.path.join(workdir, "eval.json")
+    # Before anything is evaluated: a result that cannot be saved must not cost an evaluation.
+    problem = check_writable(path, "pass --output PATH to write the results elsewhere")
+    if problem is None and args.report:
+        problem = check_writable(os.path.join(workdir, "report", "x.png") if os.path.isdir(
+            os.path.join(workdir, "report")) else os.path.join(workdir, "report"),
+            "--report writes into RUN/report/; leave out --report")
+    if problem and os.path.isdir(workdir):
+        return _fail(problem)
     try:
-        runner, params, config = build_runner_from_checkpoint(
-            args.checkpoint, args.step, overrides=overrides, eval_config_spec=args.config)
+        with stdout_to_stderr():  # TFDS / dataset generation lines: stdout carries the JSON only
+            runner, params, config, used = build_runner_and_step(
+                args.checkpoint, args.step, overrides=overrides, eval_config_spec=args.config)
+            results = runner(params)
     except ConfigError as e:
-        print(f"contrastive-jax: config error: {e}", file=sys.stderr)
+        print(f"contrastive-jax: config error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as e:
-        print(f"contrastive-jax eval: {e}", file=sys.stderr)
-        return 2
-    results = runner(params)
-    workdir, step = split_checkpoint(args.checkpoint, args.step)
-    out = {"eval": results, "eval_split": config.data.eval_split, "checkpoint": workdir, "step": step,
+        return _fail(e)
+    out = {"eval": results, "eval_split": config.data.eval_split, "checkpoint": workdir, "step": used,
            "evaluators": [s.name for s in runner.specs], "wall_time_s": time.time() - t0}
     import jax
 
-    if jax.process_index() == 0:
-        path = args.output or os.path.join(workdir, "eval.json")
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(out, fh, indent=2)
-        print(json.dumps(out, indent=2))
-        print(f"written to {path}", file=sys.stderr)
+    if jax.process_index() != 0:
+        return 0
+    try:
+        write_json_atomic(path, out)
+    except OSError as e:
+        # The results are printed all the same: an evaluation is never lost to a failed write.
+        print(json.dumps(out, indent=2, default=_to_json), flush=True)
+        return _fail(f"could not write {path} ({e.strerror or e}); the results are on stdout")
+    print(json.dumps(dict(out, output=path), indent=2, default=_to_json), flush=True)
+    print(f"written to {path}", file=sys.stderr)
     if args.report:
         from contrastive_jax.evaluate.report import write_report
 
-        write_report(workdir, runner, params)
+        with stdout_to_stderr():
+            write_report(workdir, runner, params)
     return 0

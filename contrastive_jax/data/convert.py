@@ -2,14 +2,18 @@
 
 Three source layouts (:func:`convert`, ``contrastive-jax data convert``):
 
-* ``folder``: a folder of images plus a CSV or JSONL file of captions. CSV: a header with an image
-  column (``image``, ``file``, ``filename`` or ``path``; relative to the folder) and a ``caption``
-  column; several rows for one image give it several captions. JSONL: one object per line with
-  ``image`` and ``caption`` (a string) or ``captions`` (a list).
+* ``folder``: a folder of images plus a CSV, TSV or JSONL file of captions. CSV/TSV: a header with
+  an image column (``image``, ``file``, ``filename`` or ``path``; relative to the folder) and a
+  ``caption`` column; several rows for one image give it several captions. JSONL: one object per
+  line with ``image`` and ``caption`` (a string) or ``captions`` (a list). The file's encoding is
+  detected (UTF-8, a byte-order mark, else cp1252 / latin-1, reported) or given (``encoding``);
+  fields have no length limit; a malformed line is an error naming ``FILE:LINE``; rows without a
+  non-empty caption are dropped and counted by reason in the report.
 * ``webdataset``: ``.tar`` shards of ``KEY.jpg|jpeg|png|webp`` with ``KEY.txt`` (the caption) or
   ``KEY.json`` (``caption``/``captions``/``text``).
 * ``classes``: an image-classification tree ``CLASS_NAME/*.jpg``; labels are the sorted class
-  folder names, and each image gets the caption ``class_template.format(class name)``.
+  folder names, and each image gets the caption ``class_template.format(class name)``. A folder
+  without images is not a class (listed in the report as ignored).
 
 Records store the ENCODED image bytes (decoded later, in grain workers, with PIL), the captions,
 a ``key`` naming the source file and, for ``classes``, a ``label`` ClassLabel. Splits are
@@ -17,13 +21,18 @@ deterministic: a record's split is chosen by a hash of (seed, key), independent 
 of the other records. Every image is fully decoded once during conversion; unreadable, empty or
 truncated images, missing files and records without a non-empty caption are skipped and listed in
 the report. Conversion is resumable: validated records are staged in chunks under
-``DATA_DIR/.staging/NAME``; an interrupted run picks up after the last finished chunk.
+``DATA_DIR/.staging/NAME``; an interrupted run picks up after the last finished chunk. The chunks
+are keyed by content (each image's size and mtime, its captions, the options), so a fixed image or
+an edited caption is validated again and never mixed with stale records; ``overwrite`` clears the
+staging, and the ``incomplete.*`` folders of a killed TFDS write are removed before writing.
 
 Next to the TFDS files, ``contrastive_jax.json`` holds the word vocabulary of the train captions
 (for the default word tokenizer), the class names and the conversion report.
 """
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -31,6 +40,8 @@ import json
 import os
 import pickle
 import shutil
+import socket
+import sys
 import tarfile
 from collections import Counter
 from typing import Any, Callable, Iterator
@@ -44,7 +55,7 @@ from contrastive_jax.data.transforms import BadImageError, decode_image
 FORMATS = ("folder", "webdataset", "classes")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 _CHUNK = 256
-_STAGING_VERSION = 1
+_STAGING_VERSION = 2  # 2: chunks keyed by content (file stamps, captions), not by file names
 
 
 class ConversionError(ValueError):
@@ -57,6 +68,9 @@ class _Item:
     read: Callable[[], bytes]  # raises FileNotFoundError when the file is missing
     captions: list[str]
     label: int = -1
+    # What identifies the source's content for the staging cache (e.g. [size, mtime_ns] of the
+    # image file, a digest of in-memory bytes; None: missing).
+    stamp: Any = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,37 +85,208 @@ def _read_file(path: str) -> Callable[[], bytes]:
     return read
 
 
-def _folder_items(folder: str, captions_path: str) -> list[_Item]:
-    if not os.path.isfile(captions_path):
-        raise ConversionError(f"captions file not found: {captions_path}")
-    by_image: dict[str, list[str]] = {}
-    if captions_path.endswith((".jsonl", ".json")):
-        with open(captions_path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    image = obj["image"]
-                    caps = obj["captions"] if "captions" in obj else [obj["caption"]]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ConversionError(f"{captions_path}:{lineno}: need an object with 'image' and "
-                                          f"'caption' or 'captions' ({type(e).__name__}: {e})") from None
-                if isinstance(caps, str):
-                    caps = [caps]
-                by_image.setdefault(str(image), []).extend(str(c) for c in caps)
-    else:
-        with open(captions_path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            fields = reader.fieldnames or []
-            image_col = next((c for c in ("image", "file", "filename", "path") if c in fields), None)
-            if image_col is None or "caption" not in fields:
-                raise ConversionError(f"{captions_path}: the header must name an image column (image, "
-                                      f"file, filename or path) and a 'caption' column; got {fields}")
-            for row in reader:
-                by_image.setdefault(row[image_col], []).append(row["caption"] or "")
-    return [_Item(key=image, read=_read_file(os.path.join(folder, image)), captions=caps)
-            for image, caps in by_image.items()]
+# Byte-order marks of the encodings a caption file may start with (Excel's "CSV UTF-8" writes the
+# UTF-8 one); the BOM decides the encoding and is not part of the first column's name.
+_BOMS = ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
+# Shown with the line of each dropped caption row (the report keeps the first ones).
+_MAX_LISTED_ROWS = 20
+
+
+@dataclasses.dataclass
+class CaptionRows:
+    """What a captions file held: images with their kept captions, and every dropped row.
+
+    Attributes:
+      by_image: image path (relative to the folder) -> its non-empty captions, in file order. An
+        image whose every caption row was dropped is present with ``[]`` (then skipped as
+        ``empty_caption`` by the validation, like an unreadable image).
+      encoding: the encoding the file was read with, and how it was chosen.
+      dropped: reason -> number of rows dropped for it (``empty_caption``: empty or whitespace
+        only; ``no_image``: empty image field; ``missing_field``: a short row).
+      first_dropped: ``{'line': 'FILE:LINE', 'reason': ...}`` of the first dropped rows.
+    """
+
+    by_image: dict[str, list[str]]
+    encoding: str
+    dropped: Counter
+    first_dropped: list[dict]
+
+    def drop(self, where: str, reason: str) -> None:
+        self.dropped[reason] += 1
+        if len(self.first_dropped) < _MAX_LISTED_ROWS:
+            self.first_dropped.append({"line": where, "reason": reason})
+
+    def add(self, where: str, image: Any, captions: list) -> None:
+        image = "" if image is None else str(image).strip()
+        if not image:
+            self.drop(where, "no_image")
+            return
+        kept = self.by_image.setdefault(image, [])
+        for caption in captions:
+            if caption is None or isinstance(caption, (dict, list)):
+                self.drop(where, "missing_field" if caption is None else "not_a_string")
+            elif not str(caption).strip():
+                self.drop(where, "empty_caption")
+            else:
+                kept.append(str(caption))
+
+
+def _first_bad_line(path: str, encoding: str) -> tuple[int, str]:
+    """(1-based line, that line's start as text with escapes) of the first line of ``path`` that
+    ``encoding`` cannot decode; (0, '') if none (a line-based check: not for UTF-16)."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode(encoding)
+            except UnicodeDecodeError:
+                return lineno, line[:60].decode("ascii", "backslashreplace").rstrip()
+    return 0, ""
+
+
+def detect_encoding(path: str, encoding: str | None = None) -> tuple[str, str]:
+    """The encoding to read caption file ``path`` with -> ``(codec, description for the report)``.
+
+    ``encoding`` given: used as is (a BOM of that family is still skipped). Otherwise: a BOM decides
+    (UTF-8 or UTF-16); else UTF-8 when every line is valid UTF-8; else Windows-1252 when it decodes
+    every line (the usual legacy Excel export), else Latin-1 (decodes any byte), with the first
+    non-UTF-8 line named in the description.
+
+    Raises:
+      ConversionError: ``encoding`` is not a codec Python knows.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    bom = next((codec for mark, codec in _BOMS if head.startswith(mark)), None)
+    if encoding:
+        try:
+            name = codecs.lookup(encoding).name
+        except LookupError:
+            raise ConversionError(f"--encoding {encoding!r} is not a known text encoding (e.g. utf-8, cp1252, "
+                                  "latin-1)") from None
+        if name == "utf-8" and bom == "utf-8-sig":
+            return "utf-8-sig", "utf-8 (given; byte-order mark skipped)"
+        return encoding, f"{encoding} (given)"
+    if bom:
+        return bom, f"{bom} (byte-order mark)"
+    lineno, text = _first_bad_line(path, "utf-8")
+    if not lineno:
+        return "utf-8", "utf-8"
+    fallback = "latin-1" if _first_bad_line(path, "cp1252")[0] else "cp1252"
+    return fallback, (f"{fallback} (detected: line {lineno} is not valid UTF-8: '{text}'; pass --encoding "
+                      "to choose another)")
+
+
+@contextlib.contextmanager
+def _long_csv_fields():
+    """Lifts the csv module's 131,072-character field limit (a long caption is not an error)."""
+    old = csv.field_size_limit()
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            break
+        except OverflowError:  # platforms whose C long is 32 bits
+            limit //= 2
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def _read_jsonl(f, path: str, rows: CaptionRows) -> None:
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            image = obj["image"]
+            caps = obj["captions"] if "captions" in obj else [obj["caption"]]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConversionError(f"{path}:{lineno}: need an object with 'image' and "
+                                  f"'caption' or 'captions' ({type(e).__name__}: {e})") from None
+        rows.add(f"{os.path.basename(path)}:{lineno}", image, [caps] if isinstance(caps, str) else
+                 list(caps) if isinstance(caps, list) else [caps])
+
+
+def _read_csv(f, path: str, rows: CaptionRows) -> None:
+    first = f.readline()
+    f.seek(0)
+    # TSV by extension, or a header with tabs and no commas.
+    tab = path.lower().endswith((".tsv", ".tab")) or ("\t" in first and "," not in first)
+    # CSV strict: an unclosed quote is an error at its line, not the rest of the file read as one
+    # caption. TSV (CC3M-style) has no quoting: a caption may hold any quote ('5" screen').
+    reader = (csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tab
+              else csv.reader(f, delimiter=",", strict=True))
+    row_start = 1
+    try:
+        header = next(reader, None) or []
+        names = [h.strip().lower() for h in header]
+        image_col = next((names.index(c) for c in ("image", "file", "filename", "path") if c in names), None)
+        if image_col is None or "caption" not in names:
+            raise ConversionError(f"{path}:1: the header must name an image column (image, file, filename or "
+                                  f"path) and a 'caption' column; got {header}")
+        caption_col = names.index("caption")
+        while True:
+            row_start = reader.line_num + 1
+            row = next(reader, None)
+            if row is None:
+                break
+            where = f"{os.path.basename(path)}:{row_start}"
+            if not any(cell.strip() for cell in row):
+                continue  # a blank line
+            if len(row) <= max(image_col, caption_col):
+                rows.drop(where, "missing_field")
+                continue
+            rows.add(where, row[image_col], [row[caption_col]])
+    except csv.Error as e:
+        what = ("a quoted field opened on this line is never closed" if "end of data" in str(e) else str(e))
+        raise ConversionError(f"{path}:{row_start}: malformed {'TSV' if tab else 'CSV'}: {what} (quote a field "
+                              'that contains the separator, a quote or a line break: "a ""quoted"" word")') from None
+
+
+def read_captions(path: str, encoding: str | None = None) -> CaptionRows:
+    """Reads a captions file: CSV / TSV (a header with an image column and ``caption``) or JSONL
+    (``.jsonl`` / ``.json``: ``image`` and ``caption`` or ``captions`` per line).
+
+    Args:
+      encoding: the file's text encoding; None detects it (:func:`detect_encoding`).
+
+    Raises:
+      ConversionError: missing file, bad header or malformed line, naming ``FILE:LINE``.
+    """
+    if not os.path.isfile(path):
+        raise ConversionError(f"captions file not found: {path}")
+    codec, described = detect_encoding(path, encoding)
+    rows = CaptionRows(by_image={}, encoding=described, dropped=Counter(), first_dropped=[])
+    try:
+        with open(path, encoding=codec, newline="") as f, _long_csv_fields():
+            if path.lower().endswith((".jsonl", ".json")):
+                _read_jsonl(f, path, rows)
+            else:
+                _read_csv(f, path, rows)
+    except UnicodeDecodeError as e:
+        lineno, text = _first_bad_line(path, codec)
+        where = f"{path}:{lineno}" if lineno else path
+        raise ConversionError(f"{where}: cannot decode as {codec} ({e.reason} in '{text}'); pass --encoding "
+                              "with the file's encoding (e.g. cp1252, latin-1)") from None
+    return rows
+
+
+def _file_stamp(path: str) -> list | None:
+    """(size, mtime in ns) of an image file, None when missing: what the staging cache is keyed on."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _folder_items(folder: str, rows: CaptionRows) -> list[_Item]:
+    items = []
+    for image, caps in rows.by_image.items():
+        path = os.path.join(folder, image)
+        items.append(_Item(key=image, read=_read_file(path), captions=caps, stamp=_file_stamp(path)))
+    return items
 
 
 def _caption_from_json(data: bytes) -> list[str]:
@@ -153,22 +338,30 @@ def _webdataset_items(source: str) -> list[_Item]:
                 if image is None:
                     raise FileNotFoundError(f"no image file for key {key}")
                 return image
-            items.append(_Item(key=f"{os.path.basename(shard)}/{key}", read=read, captions=caps))
+            stamp = hashlib.sha256(image).hexdigest() if image is not None else None
+            items.append(_Item(key=f"{os.path.basename(shard)}/{key}", read=read, captions=caps, stamp=stamp))
     return items
 
 
-def _class_items(root: str, template: str) -> tuple[list[_Item], list[str]]:
-    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+def _class_items(root: str, template: str) -> tuple[list[_Item], list[str], list[str]]:
+    """-> (items, class names, ignored folders). A folder without images is not a class (its
+    label would never be seen, yet zero-shot evaluation would score it); hidden folders
+    (``.ipynb_checkpoints``) neither."""
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    images = {d: sorted(f for f in os.listdir(os.path.join(root, d)) if f.lower().endswith(IMAGE_EXTS))
+              for d in folders if not d.startswith(".")}
+    classes = [d for d in folders if images.get(d)]
+    ignored = [d for d in folders if not images.get(d)]
     if not classes:
-        raise ConversionError(f"{root}: no class folders (expected CLASS_NAME/*.jpg)")
+        raise ConversionError(f"{root}: no class folder with images (expected CLASS_NAME/*.jpg; image "
+                              f"extensions: {', '.join(IMAGE_EXTS)})")
     items = []
     for label, name in enumerate(classes):
-        folder = os.path.join(root, name)
-        for f in sorted(os.listdir(folder)):
-            if f.lower().endswith(IMAGE_EXTS):
-                items.append(_Item(key=f"{name}/{f}", read=_read_file(os.path.join(folder, f)),
-                                   captions=[template.format(name.replace("_", " "))], label=label))
-    return items, classes
+        for f in images[name]:
+            path = os.path.join(root, name, f)
+            items.append(_Item(key=f"{name}/{f}", read=_read_file(path), stamp=_file_stamp(path),
+                               captions=[template.format(name.replace("_", " "))], label=label))
+    return items, classes, ignored
 
 
 def split_of(key: str, seed: int, test_fraction: float, validation_fraction: float) -> str:
@@ -205,38 +398,45 @@ def _validate(item: _Item) -> tuple[dict | None, str | None]:
     return {"key": item.key, "image": data, "captions": captions, "label": item.label}, None
 
 
-def _stage(items: list[_Item], staging: str, fingerprint: str, progress: bool) -> tuple[list, list, list]:
+def _chunk_name(index: int, items: list[_Item], options: str) -> str:
+    """A chunk's file name: its position and a digest of everything its records are made of (key,
+    image stamp, captions, label) and of the conversion options, so an edited caption, a fixed
+    or replaced image or another option never reuses a stale chunk."""
+    content = json.dumps([_STAGING_VERSION, options, [[it.key, it.stamp, it.captions, it.label] for it in items]])
+    return f"chunk_{index:06d}_{hashlib.sha256(content.encode('utf-8')).hexdigest()[:24]}.pkl"
+
+
+def _stage(items: list[_Item], staging: str, options: str, progress: bool) -> tuple[list, list, list]:
     """Validates every item; finished chunks are kept on disk so a re-run resumes after them.
+
+    The staging folder is a cache keyed by content (:func:`_chunk_name`): a chunk whose records
+    changed is validated again, chunk files no longer wanted (stale, or half-written ``.tmp``)
+    are removed first.
 
     Returns (chunk paths, skipped [{key, reason}], [(key, captions)] of the good records); the
     image bytes stay on disk until the TFDS writer streams them.
     """
     os.makedirs(staging, exist_ok=True)
-    manifest = os.path.join(staging, "manifest.json")
-    want = {"version": _STAGING_VERSION, "fingerprint": fingerprint, "num_items": len(items)}
-    if os.path.isfile(manifest):
-        with open(manifest, encoding="utf-8") as f:
-            if json.load(f) != want:  # a different source or options: start over
-                shutil.rmtree(staging)
-                os.makedirs(staging)
-    with open(manifest, "w", encoding="utf-8") as f:
-        json.dump(want, f)
-    num_chunks = (len(items) + _CHUNK - 1) // _CHUNK
-    done = [c for c in range(num_chunks) if os.path.isfile(os.path.join(staging, f"chunk_{c:06d}.pkl"))]
+    chunks = [items[c:c + _CHUNK] for c in range(0, len(items), _CHUNK)]
+    names = [_chunk_name(c, chunk, options) for c, chunk in enumerate(chunks)]
+    for f in set(os.listdir(staging)) - set(names):
+        path = os.path.join(staging, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    done = [n for n in names if os.path.isfile(os.path.join(staging, n))]
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(items), initial=min(len(done) * _CHUNK, len(items)), desc="convert",
-                   unit="img", dynamic_ncols=True)
+        bar = tqdm(total=len(items), initial=sum(len(chunks[names.index(n)]) for n in done), desc="convert",
+                   unit="img", dynamic_ncols=True, file=sys.stderr)
     paths, good, skipped = [], [], []
-    for c in range(num_chunks):
-        path = os.path.join(staging, f"chunk_{c:06d}.pkl")
+    for chunk, name in zip(chunks, names):
+        path = os.path.join(staging, name)
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 chunk_records, chunk_skipped = pickle.load(f)
         else:
             chunk_records, chunk_skipped = [], []
-            for item in items[c * _CHUNK:(c + 1) * _CHUNK]:
+            for item in chunk:
                 record, reason = _validate(item)
                 if record is None:
                     chunk_skipped.append({"key": item.key, "reason": reason})
@@ -254,6 +454,43 @@ def _stage(items: list[_Item], staging: str, fingerprint: str, progress: bool) -
     if bar is not None:
         bar.close()
     return paths, skipped, good
+
+
+@contextlib.contextmanager
+def _conversion_lock(path: str, name: str):
+    """Holds an exclusive lock (file ``path``, next to the staging folder) on dataset ``name``:
+    two conversions of one name would otherwise share chunks and remove each other's TFDS writes."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            raise ConversionError(f"another conversion of dataset {name!r} is running ({f.read().strip() or 'pid ?'}, "
+                                  f"lock {path}); wait for it or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_incomplete_writes(data_dir: str, name: str) -> list[str]:
+    """Removes the ``incomplete.*`` folders a killed TFDS write of ``name`` left (TFDS writes into
+    one and renames it when done); called under the conversion lock, so none is in use."""
+    parent = os.path.join(data_dir, name)
+    removed = []
+    if os.path.isdir(parent):
+        for f in sorted(os.listdir(parent)):
+            if f.startswith("incomplete.") and os.path.isdir(os.path.join(parent, f)):
+                shutil.rmtree(os.path.join(parent, f))
+                removed.append(f)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,10 +563,13 @@ def _vocabulary(captions: list[str], min_count: int, max_size: int) -> list[str]
 
 
 def _collect_items(source: str, *, name: str, format: str, captions: str | None, class_template: str,
-                   test_fraction: float, validation_fraction: float) -> tuple[list, list[str] | None]:
+                   test_fraction: float, validation_fraction: float,
+                   encoding: str | None) -> tuple[list, list[str] | None, dict]:
     """Checks :func:`convert`'s arguments and lists the source's records, sorted by key.
 
-    Returns ``(items, class_names)`` (``class_names`` None unless ``format='classes'``).
+    Returns ``(items, class_names, notes)``: ``class_names`` None unless ``format='classes'``;
+    ``notes`` what the report says about reading the source (caption file encoding, dropped
+    caption rows by reason, class folders that are not classes).
     """
     if format not in FORMATS:
         raise ConversionError(f"unknown format {format!r}; known: {', '.join(FORMATS)}")
@@ -341,19 +581,45 @@ def _collect_items(source: str, *, name: str, format: str, captions: str | None,
                               f"{validation_fraction} must be >= 0 and sum to < 1")
     if not os.path.exists(source):
         raise ConversionError(f"source not found: {source}")
-    class_names = None
+    class_names, notes = None, {}
     if format == "folder":
         if not captions:
-            raise ConversionError("format 'folder' needs a captions file (--captions FILE.csv|.jsonl)")
-        items = _folder_items(source, captions)
+            raise ConversionError("format 'folder' needs a captions file (--captions FILE.csv|.tsv|.jsonl)")
+        rows = read_captions(captions, encoding)
+        items = _folder_items(source, rows)
+        notes = {"captions_encoding": rows.encoding, "caption_rows_dropped": sum(rows.dropped.values()),
+                 "caption_rows_dropped_by_reason": dict(rows.dropped),
+                 "first_dropped_caption_rows": rows.first_dropped}
     elif format == "webdataset":
         items = _webdataset_items(source)
     else:
-        items, class_names = _class_items(source, class_template)
+        items, class_names, ignored = _class_items(source, class_template)
+        notes = {"ignored_folders": ignored}  # empty or hidden: not classes
     if not items:
         raise ConversionError(f"no records found in {source}")
     items.sort(key=lambda it: it.key)
-    return items, class_names
+    return items, class_names, notes
+
+
+def _write_dataset(data_dir: str, name: str, version: str, *, split_spec: dict, class_names, description: str,
+                   overwrite: bool) -> str:
+    """Writes the staged records as TFDS array_record files; returns the dataset folder.
+
+    An existing dataset (``overwrite`` only) is removed now, once its replacement is ready to be
+    written, never before the records were validated."""
+    import tensorflow_datasets as tfds
+
+    dataset_dir = os.path.join(data_dir, name, version)
+    if os.path.isdir(dataset_dir) and overwrite:
+        shutil.rmtree(dataset_dir)
+    builder = _builder_class()(name=name, version=version, splits=split_spec, class_names=class_names,
+                               description=description, data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare(
+        file_format="array_record",
+        download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP),
+    )
+    return os.fspath(builder.data_dir)
 
 
 def convert(
@@ -373,6 +639,7 @@ def convert(
     vocab_max_size: int = 50_000,
     overwrite: bool = False,
     progress: bool = True,
+    encoding: str | None = None,
 ) -> dict:
     """Converts user data in ``source`` into the TFDS dataset ``name`` under ``data_dir``.
 
@@ -380,78 +647,76 @@ def convert(
       source: the image folder (``folder``), a ``.tar`` shard or folder of shards
         (``webdataset``), or the root of the class folders (``classes``).
       format: one of :data:`FORMATS`.
-      captions: ``folder`` only: the CSV or JSONL captions file.
+      captions: ``folder`` only: the CSV, TSV or JSONL captions file.
       class_template: ``classes`` only: caption of each image, ``{}`` = class name.
       test_fraction, validation_fraction: expected fractions of records in those splits.
       seed: split assignment seed.
       max_bad_fraction: more skipped records than this fraction is an error (nothing written).
       vocab_min_count, vocab_max_size: the stored word vocabulary of the train captions.
-      overwrite: replace an existing dataset of the same name and version.
+      overwrite: replace an existing dataset of the same name and version, and validate every
+        record again (the staging cache of an earlier, interrupted run is cleared).
+      encoding: the captions file's text encoding; None: detected (UTF-8, a BOM, else cp1252 /
+        latin-1, reported as ``captions_encoding``).
 
     Returns:
       The report (also in ``contrastive_jax.json``): ``num_records`` per split, ``num_skipped``,
-      ``skipped`` (key and reason of each), ``skipped_by_reason``, ``dataset_dir``.
+      ``skipped`` (key and reason of each), ``skipped_by_reason``, ``dataset_dir``; for folders
+      ``captions_encoding`` and the dropped caption rows by reason; for class folders the
+      ``ignored_folders``; ``removed_incomplete_writes`` (TFDS folders a killed run left).
     """
-    import tensorflow_datasets as tfds
-
-    items, class_names = _collect_items(source, name=name, format=format, captions=captions,
-                                        class_template=class_template, test_fraction=test_fraction,
-                                        validation_fraction=validation_fraction)
+    items, class_names, notes = _collect_items(
+        source, name=name, format=format, captions=captions, class_template=class_template,
+        test_fraction=test_fraction, validation_fraction=validation_fraction, encoding=encoding)
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
-
-    Builder = _builder_class()
     dataset_dir = os.path.join(data_dir, name, version)
-    if os.path.isdir(dataset_dir):
-        if not overwrite:
-            raise ConversionError(f"dataset {name!r} version {version} already exists in {dataset_dir} "
-                                  "(pass --overwrite to replace it)")
-        shutil.rmtree(dataset_dir)
-
-    fingerprint = hashlib.sha256(json.dumps(
-        [os.path.abspath(source), captions and os.path.abspath(captions), format, class_template,
-         [it.key for it in items]]).encode()).hexdigest()
+    if os.path.isdir(dataset_dir) and not overwrite:
+        raise ConversionError(f"dataset {name!r} version {version} already exists in {dataset_dir} "
+                              "(pass --overwrite to replace it)")
     staging = os.path.join(data_dir, ".staging", name)
-    chunks, skipped, good = _stage(items, staging, fingerprint, progress)
-    by_reason = dict(Counter(s["reason"].split(":")[0] for s in skipped))
-    report: dict[str, Any] = {"source": os.path.abspath(source), "format": format,
-                              "num_items": len(items), "num_skipped": len(skipped),
-                              "skipped_by_reason": by_reason, "skipped": skipped}
-    if len(skipped) > max_bad_fraction * len(items):
-        raise ConversionError(
-            f"{len(skipped)} of {len(items)} records of {source} are bad ({by_reason}; first: "
-            f"{skipped[:5]}), more than max_bad_fraction={max_bad_fraction}; nothing was written "
-            f"(validated records are kept in {staging} for a re-run)")
-
-    assignment = {key: split_of(key, seed, test_fraction, validation_fraction) for key, _ in good}
-    counts = Counter(assignment.values())
-    if not counts["train"]:
-        raise ConversionError(f"no record of {source} landed in the train split")
-    split_spec = {"chunks": chunks, "split_of": assignment,
-                  "names": [s for s in ("train", "validation", "test") if counts[s]]}
-
-    builder = Builder(name=name, version=version, splits=split_spec, class_names=class_names,
-                      description=f"Converted by contrastive-jax from {os.path.abspath(source)} ({format}).",
-                      data_dir=data_dir, file_format="array_record")
-    builder.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP),
-    )
-    report["num_records"] = {k: counts[k] for k in split_spec["names"]}
-    report["dataset_dir"] = os.fspath(builder.data_dir)
-    meta = {
-        "vocabulary": _vocabulary([c for key, caps in good if assignment[key] == "train" for c in caps],
-                                  vocab_min_count, vocab_max_size),
-        "class_names": class_names,
-        "templates": [class_template] if class_names is not None else None,
-        "report": report,
-    }
-    with open(os.path.join(os.fspath(builder.data_dir), METADATA_FILE), "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1)
-    shutil.rmtree(staging, ignore_errors=True)
+    with _conversion_lock(staging + ".lock", name):
+        if overwrite:
+            shutil.rmtree(staging, ignore_errors=True)
+        options = json.dumps([format, class_template])
+        chunks, skipped, good = _stage(items, staging, options, progress)
+        by_reason = dict(Counter(s["reason"].split(":")[0] for s in skipped))
+        report: dict[str, Any] = {"source": os.path.abspath(source), "format": format, **notes,
+                                  "num_items": len(items), "num_skipped": len(skipped),
+                                  "skipped_by_reason": by_reason, "skipped": skipped}
+        if len(skipped) > max_bad_fraction * len(items):
+            raise ConversionError(
+                f"{len(skipped)} of {len(items)} records of {source} are bad ({by_reason}; first: "
+                f"{skipped[:5]}), more than max_bad_fraction={max_bad_fraction}; nothing was written "
+                f"(validated records are kept in {staging} for a re-run)")
+        assignment = {key: split_of(key, seed, test_fraction, validation_fraction) for key, _ in good}
+        counts = Counter(assignment.values())
+        if not counts["train"]:
+            raise ConversionError(f"no record of {source} landed in the train split")
+        split_spec = {"chunks": chunks, "split_of": assignment,
+                      "names": [s for s in ("train", "validation", "test") if counts[s]]}
+        report["removed_incomplete_writes"] = _remove_incomplete_writes(data_dir, name)
+        report["num_records"] = {k: counts[k] for k in split_spec["names"]}
+        report["dataset_dir"] = _write_dataset(
+            data_dir, name, version, split_spec=split_spec, class_names=class_names, overwrite=overwrite,
+            description=f"Converted by contrastive-jax from {os.path.abspath(source)} ({format}).")
+        meta = {
+            "vocabulary": _vocabulary([c for key, caps in good if assignment[key] == "train" for c in caps],
+                                      vocab_min_count, vocab_max_size),
+            "class_names": class_names,
+            "templates": [class_template] if class_names is not None else None,
+            "report": report,
+        }
+        _write_json_atomic(os.path.join(report["dataset_dir"], METADATA_FILE), meta)
+        shutil.rmtree(staging, ignore_errors=True)
     from contrastive_jax.data import registry
     registry._tfds_entry.cache_clear()  # a dataset of this name may have been opened before
     return report
+
+
+def _write_json_atomic(path: str, payload: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
 
 
 def iter_captions(data_config, split: str = "train") -> Iterator[str]:

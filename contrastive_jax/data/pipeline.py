@@ -345,8 +345,10 @@ def make_train_iterator(
                          f"{data_config.name!r} (splits: {', '.join(sorted(splits))})")
     source = splits[data_config.train_split]
     if len(source) < global_batch_size:
-        raise ValueError(f"split {data_config.train_split!r} has {len(source)} examples, fewer "
-                         f"than one global batch ({global_batch_size})")
+        # "config." in the message: the train command reports it as a config error (exit 2).
+        raise ValueError(f"config.train.batch_size={global_batch_size} is larger than split "
+                         f"{data_config.train_split!r} of dataset {data_config.name!r} ({len(source)} "
+                         f"examples): use a batch size <= {len(source)} or a bigger dataset")
     processor = ExampleProcessor(entry, tokenizer, data_config, train=True, seed=int(seed))
     source = _ReopenedSource(data_config, data_config.train_split, source)
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)

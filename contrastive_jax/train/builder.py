@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 
 from contrastive_jax import losses, models
 from contrastive_jax.parallel.mesh import batch_axes_of, data_parallel_size, host_batch_to_global, make_mesh
+from contrastive_jax.train.config import ConfigError, check_config
 from contrastive_jax.train.durations import Durations, resolve_durations
 from contrastive_jax.train.gradcache import ACCUMULATIONS
 from contrastive_jax.train.optim import make_optimizer
@@ -38,9 +39,13 @@ NONFINITE_POLICIES = ("stop", "skip")
 def validate(config: Any, mesh: Mesh) -> None:
     """Rejects configs that cannot run, before anything is compiled, naming the fields.
 
+    Runs :func:`contrastive_jax.train.config.check_config` (ranges and choices) first, then the
+    checks that need the mesh.
+
     Raises:
-      ValueError: ``invalid config:`` and one line per problem.
+      ConfigError: (a ValueError) ``invalid config:`` and every problem, on one line.
     """
+    check_config(config, warn=False)
     axes = batch_axes_of(mesh, config.sharding.batch_axes)
     dp = data_parallel_size(mesh, config.sharding.batch_axes)
     problems = []
@@ -72,7 +77,7 @@ def validate(config: Any, mesh: Mesh) -> None:
     if profile and (len(profile) != 2 or not 0 < profile[0] <= profile[1]):
         problems.append(f"config.log.profile_steps={profile} must be (first, last) with 0 < first <= last")
     if problems:
-        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid config: " + "; ".join(problems))
 
 
 def model_config_for(config: Any, tokenizer: Any):

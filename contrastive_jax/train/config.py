@@ -15,6 +15,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import logging
+import math
 import os
 from typing import Any, Sequence
 
@@ -123,6 +125,9 @@ def default_config() -> ConfigDict:
     # A step whose loss or gradient is NaN/inf is never applied. 'stop': raise naming the step
     # and the metric; 'skip': count it (train/nonfinite_steps) and continue.
     c.train.nonfinite = "stop"
+    # helper C (issue 17): under 'skip', a run that skipped more than this fraction of its steps
+    # ends with exit code 3 (its checkpoint and summary are still written).
+    c.train.max_nonfinite_fraction = 0.5
     # Stop this invocation after this many steps (with a checkpoint) even if total_steps is not
     # reached; re-running resumes. For fixed-length job slots. -1: no limit.
     c.train.max_steps_per_run = -1
@@ -147,6 +152,11 @@ def default_config() -> ConfigDict:
     # Where the loaded parameters go in the new model: '' = the same paths; 'teacher' = under
     # 'teacher/' (model.name='distill' loads its frozen teacher this way).
     c.checkpoint.init_into = ""
+    # helper C (issue 17): when the workdir's earlier run cannot continue with this config (its
+    # model/dataset/tokenizer differ: WORKDIR/fingerprint.json, or no checkpoint is readable):
+    # 'error' stops with a message naming why; 'restart' moves that run to WORKDIR/previous/<time>/
+    # (nothing is deleted) and starts at step 0. A resumable workdir is resumed either way.
+    c.checkpoint.on_mismatch = "error"
 
     # --- Logging ---------------------------------------------------------------------------
     c.log = ConfigDict()
@@ -203,10 +213,21 @@ def config_file(path: str, arg: str | None = None) -> ConfigDict:
             raise ConfigError(f"cannot read config {path}: {e}") from e
     spec = importlib.util.spec_from_file_location(f"_cj_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: syntax error in the config file: {e.msg}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path} defines no get_config(arg=None)")
-    cfg = module.get_config(arg) if arg is not None else module.get_config()
+    try:
+        cfg = module.get_config(arg) if arg is not None else module.get_config()
+    except ConfigError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        # e.g. an unknown variant ('configs/quickstart.py:huge'): the file's own message names the
+        # valid ones; a traceback through the config file would only hide it.
+        detail = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ConfigError(f"{path}{':' + arg if arg is not None else ''}: {detail}") from None
     if not isinstance(cfg, (ConfigDict, dict)):
         raise ConfigError(f"{path}: get_config must return a ConfigDict, got {type(cfg).__name__}")
     return cfg
@@ -227,27 +248,43 @@ def load_config(spec: str | None, overrides: Sequence[str] = ()) -> ConfigDict:
     if spec:
         path, _, arg = spec.partition(":")
         source = path
-        merge(cfg, config_file(path, arg or None), source=path)
+        try:
+            merge(cfg, config_file(path, arg or None), source=path)
+        except TypeError as e:  # ml_collections refuses a value of another type than the field's
+            raise ConfigError(f"{path}: {_one_line(e)}") from None
     for item in overrides:
         apply_override(cfg, item, source=f"command line (config from {source})")
+    check_config(cfg, overridden=[item.partition("=")[0].strip() for item in overrides])
     return cfg
 
 
-def _parse_value(text: str, current: Any) -> Any:
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _parse_value(text: str, current: Any, path: str = "") -> Any:
+    """``text`` parsed as the type of ``current`` (the field's value at ``config.{path}``)."""
     if isinstance(current, bool):
         low = text.lower()
         if low in ("true", "1", "yes"):
             return True
         if low in ("false", "0", "no"):
             return False
-        raise ConfigError(f"expected a bool, got {text!r}")
+        raise ConfigError(f"config.{path}: expected a bool (true/false), got {text!r}")
     if isinstance(current, int) and not isinstance(current, bool):
         try:
             return int(text)
         except ValueError:
+            pass
+        try:
             return float(text)  # e.g. 1e4 for an int field; int() below keeps the type
+        except ValueError:
+            raise ConfigError(f"config.{path}: expected an integer (e.g. {current}), got {text!r}") from None
     if isinstance(current, float):
-        return float(text)
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"config.{path}: expected a number (e.g. {current}), got {text!r}") from None
     if isinstance(current, str):
         return text
     try:
@@ -269,7 +306,7 @@ def apply_override(cfg: ConfigDict, item: str, *, source: str = "command line") 
         if part not in node:
             if _is_free_form(".".join(parts[:i])):
                 with node.unlocked():
-                    node[part] = _parse_value(text, None) if last else ConfigDict()
+                    node[part] = _parse_value(text, None, path) if last else ConfigDict()
                 node = node[part]
                 continue
             raise ConfigError(
@@ -280,12 +317,268 @@ def apply_override(cfg: ConfigDict, item: str, *, source: str = "command line") 
             current = node[part]
             if isinstance(current, ConfigDict):
                 raise ConfigError(f"'{path}' is a group, not a value; set one of its fields")
-            value = _parse_value(text, current)
+            value = _parse_value(text, current, path)
             if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
                 if not value.is_integer():
                     raise ConfigError(f"'{path}' is an integer field, got {text!r}")
                 value = int(value)
-            with node.unlocked():
-                node[part] = value
+            try:
+                with node.unlocked():
+                    node[part] = value
+            except TypeError:  # ml_collections' type safety: another type than the field's
+                raise ConfigError(f"config.{path}: expected a {type(current).__name__} like "
+                                  f"{_literal(current)}, got {text!r}") from None
         else:
             node = node[part]
+
+
+def _literal(value: Any) -> str:
+    """A field's current value written as the Python literal an override would use."""
+    return repr(value.to_dict() if isinstance(value, ConfigDict) else value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Range and choice checks (cheap: no devices, no data; run by load_config and builder.validate)
+# ----------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+# (field, test, what is valid). The test sees the field's value; a missing field is not checked
+# (partial configs built by hand in notebooks).
+_RANGES = (
+    ("train.batch_size", lambda v: _is_int(v) and v > 0, "a positive integer (global batch)"),
+    ("eval.batch_size", lambda v: _is_int(v) and v > 0, "a positive integer (global eval batch)"),
+    ("train.microbatch_size", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = off)"),
+    ("optim.lr", lambda v: v > 0, "a peak learning rate > 0, e.g. 1e-3"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.eps", lambda v: v >= 0, ">= 0"),
+    ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.end_lr_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim.decay_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim.rsqrt_timescale", lambda v: v > 0, "> 0 (steps)"),
+    ("loss.block_size", lambda v: _is_int(v) and v > 0, "a positive integer"),
+    ("data.image_size", lambda v: _is_int(v) and v > 0, "a positive integer (pixels)"),
+    ("data.max_text_len", lambda v: _is_int(v) and v >= 2, "an integer >= 2 (tokens, EOS included)"),
+    ("data.num_views", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("data.worker_count", lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 = main process)"),
+    ("data.read_threads", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("data.max_bad_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("data.text_mask_prob", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("data.std", lambda v: len(v) == 3 and all(x > 0 for x in v), "three positive numbers (R, G, B)"),
+    ("data.mean", lambda v: len(v) == 3, "three numbers (R, G, B)"),
+    ("checkpoint.on_mismatch", lambda v: v in ("error", "restart"), "'error' or 'restart'"),  # helper C
+    ("train.max_nonfinite_fraction", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),  # helper C
+    ("checkpoint.keep", lambda v: _is_int(v) and v >= 1, "an integer >= 1 (checkpoints kept)"),
+    ("eval.max_examples", lambda v: _is_int(v) and (v == -1 or v > 0), "-1 (the whole split) or > 0"),
+    ("eval.recall_ks", lambda v: all(_is_int(k) and k > 0 for k in v), "positive integers"),
+    ("eval.zero_shot_ks", lambda v: all(_is_int(k) and k > 0 for k in v), "positive integers"),
+)
+
+# Durations: -1 (any negative before) means "not set"; the schema's sentinel is -1 exactly.
+_DURATIONS = (("train", "total"), ("train", "log_every"), ("optim", "warmup"), ("eval", "every"),
+              ("checkpoint", "every"))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _choices() -> tuple:
+    """(field, known values) of the enumerated fields, imported here: the tables live with the
+    code that uses them (importing them loads jax, which a train run does anyway; not the data
+    pipeline, which would pull in grain: it checks config.data.caption_policy itself)."""
+    from contrastive_jax.data.tokenizer import CLEAN_MODES, TOKENIZER_KINDS
+    from contrastive_jax.data.transforms import CROPS
+    from contrastive_jax.losses import IMPLS, OBJECTIVES
+    from contrastive_jax.models.build import DTYPES
+    from contrastive_jax.train.optim import OPTIMIZERS, SCHEDULES
+
+    return (("loss.name", tuple(sorted(OBJECTIVES))), ("loss.impl", IMPLS), ("optim.name", OPTIMIZERS),
+            ("optim.schedule", SCHEDULES), ("optim.decay_shape", ("linear", "cosine", "sqrt")),
+            ("data.tokenizer.kind", TOKENIZER_KINDS), ("data.tokenizer.clean", CLEAN_MODES),
+            ("data.augment.crop", CROPS),
+            ("model.dtype", tuple(DTYPES)))
+
+
+def _field(cfg: Any, path: str) -> Any:
+    node = cfg
+    for part in path.split("."):
+        if not hasattr(node, "get") or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _range_problems(cfg: Any) -> list[str]:
+    problems = []
+    for path, ok, valid in _RANGES:
+        value = _field(cfg, path)
+        if value is _MISSING:
+            continue
+        try:
+            good = bool(ok(value))
+        except TypeError:  # e.g. a string where a number belongs
+            good = False
+        if not good:
+            problems.append(f"config.{path}={_literal(value)} is invalid: must be {valid}")
+    for path, known in _choices():
+        value = _field(cfg, path)
+        if value is not _MISSING and value not in known:
+            problems.append(f"config.{path}={value!r} is unknown; valid: {', '.join(map(str, known))}")
+    eval_group, data_group = _field(cfg, "eval"), _field(cfg, "data")
+    if eval_group is not _MISSING and data_group is not _MISSING:
+        from contrastive_jax.evaluate.runner import parse_evaluators  # pure: names and keys only
+
+        try:
+            parse_evaluators(eval_group, data_group)
+        except (ValueError, TypeError, KeyError) as e:
+            problems.append(" ".join(str(e).split()))
+    augment = _field(cfg, "data.augment")
+    if augment is not _MISSING:
+        for key in sorted(k for k in augment.keys() if k.endswith("_prob")):
+            if not isinstance(augment[key], (int, float)) or not 0 <= augment[key] <= 1:
+                problems.append(f"config.data.augment.{key}={augment[key]!r} is invalid: must be a "
+                                "probability in [0, 1]")
+    return problems
+
+
+def _mesh_problems(cfg: Any) -> list[str]:
+    mesh = _field(cfg, "mesh")
+    if mesh is _MISSING:
+        return []
+    example = "e.g. [('data', -1)] or [('data', 2), ('fsdp', 4)]"
+    pairs_ok = isinstance(mesh, (list, tuple)) and len(mesh) > 0 and all(
+        isinstance(a, (list, tuple)) and len(a) == 2 and isinstance(a[0], str) and _is_int(a[1])
+        and (a[1] > 0 or a[1] == -1) for a in mesh)
+    if not pairs_ok:
+        return [f"config.mesh={_literal(mesh)} is invalid: must be a list of (axis_name, size) pairs, "
+                f"size > 0 or -1 (= the remaining devices), {example}"]
+    names = [a[0] for a in mesh]
+    sizes = [a[1] for a in mesh]
+    if len(set(names)) != len(names) or sizes.count(-1) > 1:
+        return [f"config.mesh={_literal(mesh)} is invalid: axis names must be unique and at most one "
+                f"size may be -1, {example}"]
+    batch_axes = _field(cfg, "sharding.batch_axes")
+    batch = _field(cfg, "train.batch_size")
+    if batch_axes is _MISSING or not _is_int(batch) or batch <= 0:
+        return []
+    dp_sizes = [size for name, size in mesh if name in tuple(batch_axes)]
+    if -1 not in dp_sizes:  # the data-parallel size is known without asking for the devices
+        dp = math.prod(dp_sizes)
+        for field in ("train.batch_size", "eval.batch_size"):
+            value = _field(cfg, field)
+            if _is_int(value) and value > 0 and value % dp:
+                return [f"config.{field}={value} is not a multiple of the data-parallel size {dp} "
+                        f"(config.mesh={_literal(mesh)}, batch axes {tuple(batch_axes)})"]
+    return []
+
+
+def _steps_of(group: Any, prefix: str, batch: int) -> tuple[str, float] | None:
+    """``(unit, amount)`` of a duration in steps when it is computable without the dataset size
+    (``('epochs', n)`` for epochs), None when not set."""
+    for unit in ("steps", "examples", "epochs"):
+        value = group.get(f"{prefix}_{unit}", -1)
+        if value is not None and value >= 0:
+            if unit == "examples":
+                return "steps", math.ceil(value / batch)
+            return unit, value
+    return None
+
+
+def _duration_problems(cfg: Any, overridden: Sequence[str], warn: bool, warnings: list[str]) -> list[str]:
+    problems = []
+    for group_name, prefix in _DURATIONS:
+        group = _field(cfg, group_name)
+        if group is _MISSING:
+            continue
+        for unit in ("steps", "epochs", "examples"):
+            key = f"{prefix}_{unit}"
+            value = group.get(key, -1)
+            if value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or (value < 0 and value != -1):
+                problems.append(f"config.{group_name}.{key}={value!r} is invalid: must be >= 0 "
+                                "(or -1: not set)")
+            elif prefix == "total" and value == 0:
+                problems.append(f"config.{group_name}.{key}=0 is invalid: the run length must be > 0")
+    batch = _field(cfg, "train.batch_size")
+    train, optim = _field(cfg, "train"), _field(cfg, "optim")
+    if problems or not _is_int(batch) or batch <= 0 or train is _MISSING or optim is _MISSING:
+        return problems
+    total, warmup = _steps_of(train, "total", batch), _steps_of(optim, "warmup", batch)
+    if total and warmup and total[0] == warmup[0] and warmup[1] > total[1]:
+        message = (f"the warmup (config.optim.warmup_{warmup[0]}: {warmup[1]:g} {warmup[0]}) is longer than the "
+                   f"run (config.train.total_*: {total[1]:g} {total[0]})")
+        if any(k.startswith("optim.warmup_") for k in overridden):
+            problems.append(f"{message}: make it at most the run length")
+        elif warn and not problems:
+            # A warmup that comes from the config file while the run was shortened (a smoke run of
+            # a few steps) is what tests and quick checks do; say so rather than refuse.
+            warnings.append(f"{message}: the learning rate never reaches config.optim.lr")
+    return problems
+
+
+def _model_data_problems(cfg: Any) -> list[str]:
+    problems = []
+    size = _field(cfg, "data.image_size")
+    image = _field(cfg, "model.image")
+    model_name = _field(cfg, "model.name")
+    if (_is_int(size) and size > 0 and image is not _MISSING and model_name != "n_tower"
+            and image.get("name") == "vit" and _is_int(image.get("patch_size"))):
+        p = int(image.patch_size)
+        if p <= 0:
+            problems.append(f"config.model.image.patch_size={p} is invalid: must be a positive integer")
+        elif size % p:
+            lower, upper = size // p * p, (size // p + 1) * p
+            valid = f"{lower} or {upper}" if lower else f"{upper}"
+            problems.append(f"config.data.image_size={size} is not a multiple of config.model.image.patch_size="
+                            f"{p}: use a multiple of {p} (e.g. {valid})")
+        elif image.get("stem") == "conv" and p & (p - 1):
+            problems.append(f"config.model.image.patch_size={p} must be a power of two with "
+                            "config.model.image.stem='conv'")
+    tok = _field(cfg, "data.tokenizer")
+    if tok is not _MISSING:
+        path = str(tok.get("path") or "")
+        what = {"sentencepiece": "a SentencePiece .model file", "clip_bpe": "CLIP's BPE merges file"}.get(
+            tok.get("kind"), "a file")
+        # An empty path is left to the tokenizer builder: benchmarks build such models untokenized.
+        if path and "://" not in path and not os.path.isfile(os.path.expanduser(path)):
+            problems.append(f"config.data.tokenizer.path={path!r}: no such file (kind {tok.kind!r} needs "
+                            f"{what} or a saved tokenizer .json)")
+    data, batch = _field(cfg, "data"), _field(cfg, "train.batch_size")
+    if data is not _MISSING and data.get("name") == "shapes" and _is_int(batch) and batch > 0:
+        split = data.get("train_split", "train")
+        size = data.get(f"num_{split}", None)
+        if _is_int(size) and size < batch:
+            problems.append(f"config.train.batch_size={batch} is larger than the {split} split of 'shapes' "
+                            f"(config.data.num_{split}={size}): use a batch size <= {size} or more examples")
+    return problems
+
+
+def check_config(cfg: Any, overridden: Sequence[str] = (), *, warn: bool = True) -> None:
+    """Rejects a config whose fields are out of range or unknown, before anything is built.
+
+    Checks what needs neither devices nor data: numeric ranges, enumerated fields, the mesh's
+    shape, durations (``-5`` is an error, ``-1`` "not set"), a warmup longer than the run, the
+    image size against the ViT patch size, the tokenizer file, batch size against a fixed mesh.
+    Device- and data-dependent checks are :func:`contrastive_jax.train.builder.validate` and the
+    data pipeline's.
+
+    Args:
+      overridden: the dotted keys set on the command line; a warmup longer than the run is an
+        error when the warmup was set there, a warning when it comes from the file (a run
+        shortened for a smoke test).
+      warn: log that warning (False: a second check of a config already loaded).
+
+    Raises:
+      ConfigError: one line naming every bad field, its value and what would be valid.
+    """
+    warnings: list[str] = []
+    problems = (_mesh_problems(cfg) + _range_problems(cfg) + _duration_problems(cfg, overridden, warn, warnings)
+                + _model_data_problems(cfg))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    for message in warnings:  # only for a config that is otherwise fine: an error stays one line
+        logging.getLogger(__name__).warning("%s", message)
