@@ -39,7 +39,7 @@ setup(
         # packaged BPE vocabulary, transformers), plus moto's S3-compatible server for object-storage
         # workdirs; torch itself is installed first by .ci/run (see the README).
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-learn>=1.4", "nbclient>=0.7", "nbformat>=5.7",
-                 "ipykernel>=6.20.1", "open_clip_torch>=3.0", "transformers>=4.50", "tokenizers>=0.21",
+                 "ipykernel>=6.20.1", "open_clip_torch>=3.0", "transformers>=5.0", "tokenizers>=0.21",
                  "ftfy>=6.1", "regex>=2023.0", "moto[server]>=5.0", "s3fs>=2024.6"],
         "tf": ["tensorflow>=2.16"],
         "torch": ["torch>=2.2"],

@@ -29,8 +29,11 @@ def load(path: str | os.PathLike, *, step: int | None = None, ema: bool = False,
 
     Args:
       path: a training workdir or a model directory (``contrastive-jax convert`` /
-        :meth:`Model.save`), or a PyTorch CLIP checkpoint file (``.pt`` / ``.bin`` /
-        ``.safetensors`` of OpenAI CLIP or open_clip, converted on the fly).
+        :meth:`Model.save`), a PyTorch CLIP checkpoint file (``.pt`` / ``.bin`` /
+        ``.safetensors`` of OpenAI CLIP or open_clip, converted on the fly), or a Hugging Face
+        ``transformers`` CLIPModel / SiglipModel ``save_pretrained`` folder (``config.json`` with a
+        ``model_type``, ``model.safetensors``, tokenizer files; converted on the fly, see
+        :mod:`contrastive_jax.interop.hf`).
       step: checkpoint step of a directory (None: the newest readable one).
       ema: a directory's EMA parameters instead of the trained ones.
       vocab: CLIP's BPE merges file, for checkpoint files (and directories saved without a
@@ -40,6 +43,13 @@ def load(path: str | os.PathLike, *, step: int | None = None, ema: bool = False,
         ``image_heads``, ``text_heads``, ``open_clip_config``).
     """
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    from contrastive_jax.interop.hf import reads_as_hf_folder
+
+    if reads_as_hf_folder(path):
+        return _load_hf(path, step=step, ema=ema, vocab=vocab, **convert_options)
+    from contrastive_jax.interop.clip import find_open_clip_weights  # issue 16 (helper A)
+
+    path = find_open_clip_weights(path) or path  # an open_clip hub folder is read as its weights file
     if os.path.isdir(path):
         from contrastive_jax.train.restore import load_run
 
@@ -63,6 +73,23 @@ def load(path: str | os.PathLike, *, step: int | None = None, ema: bool = False,
         params = jax.device_put(ckpt.params, jax.local_devices()[0])
         return Model(ckpt.config, module, params, ckpt.tokenizer)
     raise FileNotFoundError(f"{path}: neither a run/model directory nor a checkpoint file")
+
+
+def _load_hf(path: str, *, step, ema, vocab, **convert_options) -> "Model":
+    """A transformers CLIPModel / SiglipModel ``save_pretrained`` folder, converted on the fly."""
+    if step is not None or ema or vocab is not None:
+        raise TypeError(f"step=, ema= and vocab= do not apply to the transformers folder {path} (its tokenizer "
+                        "files are read from it)")
+    unknown = sorted(set(convert_options) - {"scan"})
+    if unknown:
+        raise TypeError(f"{unknown} do not apply to a transformers folder (it says its architecture); known: scan")
+    from contrastive_jax import models
+    from contrastive_jax.interop.hf import load_hf_folder
+
+    ckpt = load_hf_folder(path, **convert_options)
+    module = models.build(ckpt.config.model)
+    params = jax.device_put(ckpt.params, jax.local_devices()[0])
+    return Model(ckpt.config, module, params, ckpt.tokenizer)
 
 
 def _check_texts(texts: Any, what: str) -> list[str]:
@@ -179,12 +206,31 @@ class Model:
 
         return write_model_dir(directory, self.config, self.params, self.tokenizer)
 
-    def export(self, path: str, *, layout: str = "openai", dtype: Any = np.float32) -> None:
-        """Writes the params as a PyTorch CLIP state dict (``.safetensors`` / ``.pt`` / ``.bin``) of
-        OpenAI's or open_clip's key layout (:func:`contrastive_jax.interop.save_clip_checkpoint`)."""
+    def export(self, path: str, *, format: str = "state_dict", layout: str = "openai",
+               dtype: Any = np.float32) -> dict | None:
+        """Writes the model for PyTorch.
+
+        Args:
+          format: ``'state_dict'``: the params as a PyTorch CLIP state dict file (``.safetensors`` /
+            ``.pt`` / ``.bin``) of OpenAI's or open_clip's key ``layout``
+            (:func:`contrastive_jax.interop.save_clip_checkpoint`); ``'hf'``: a new folder ``path``
+            that ``transformers.AutoModel.from_pretrained`` loads as CLIPModel or SiglipModel
+            (``config.json``, ``model.safetensors`` float32, the tokenizer's files when it came from
+            a transformers folder; :func:`contrastive_jax.interop.hf.export_hf_folder`), whose
+            summary is returned.
+        """
+        if format == "hf":
+            from contrastive_jax.interop.hf import export_hf_folder
+
+            if np.dtype(dtype) != np.float32:
+                raise ValueError(f"format='hf' writes float32 (got dtype={np.dtype(dtype)})")
+            return export_hf_folder(path, self.params, self.config, self.tokenizer)
+        if format != "state_dict":
+            raise ValueError(f"format={format!r}; known: 'state_dict', 'hf'")
         from contrastive_jax.interop import save_clip_checkpoint
 
         save_clip_checkpoint(path, self.params, self.config, layout=layout, dtype=dtype)
+        return None
 
     # -- inputs ------------------------------------------------------------------------------
 

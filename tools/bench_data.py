@@ -8,6 +8,18 @@
 ``contrastive-jax data convert``, decoded with PIL and resized/augmented to --image-size.
 Each worker count is timed in the same process run, one after another, after a warm-up of
 --warmup batches; compare ratios, the machine may be shared.
+
+    python tools/bench_data.py --tokenizers          # captions/s of each tokenizer, side by side
+
+``--tokenizers``: captions/s of CLIP BPE (ours with the ``tokenizers`` package's BPE, ours in pure
+Python, open_clip's own ``SimpleTokenizer``), the word tokenizer and a SentencePiece model trained
+on the captions, on the same --captions generated captions (ImageNet-style templates, varied
+words, numbers, some accents/CJK/emoji), in one process, after one warm-up pass each, in
+--rounds interleaved rounds (the best round of each is reported: on a shared machine the
+slower rounds measure the neighbours). Two ways: ``per_caption`` (one ``encode([caption])``
+call per caption, as the data pipeline does) and ``batch_256`` (``encode`` of 256 captions at a
+time). CLIP BPE needs --vocab (default: the file
+open_clip ships, when open_clip_torch is installed).
 """
 from __future__ import annotations
 
@@ -45,8 +57,79 @@ def _make_jpeg_dataset(root: str, n: int, photo_size: int) -> str:
     return os.path.join(root, "tfds")
 
 
+def _captions(n: int, seed: int = 0) -> list[str]:
+    """``n`` caption-like strings: templates filled with words drawn from a Zipf law over 30,000
+    made-up words (so a word cache hits about as often as on real captions), plus some numbers,
+    accents, CJK, emoji and HTML entities."""
+    rng = np.random.default_rng(seed)
+    syllables = ["ka", "lo", "mi", "ter", "sun", "dra", "bel", "ion", "qu", "est", "or", "ph", "an", "ri",
+                 "ch", "ou", "ne", "st", "al", "y", "é", "ö"]
+    words = ["".join(rng.choice(syllables, int(rng.integers(1, 5)))) for _ in range(30000)]
+    words[:12] = ["a", "the", "of", "in", "on", "with", "and", "photo", "dog", "3", "東京", "🐶"]
+    templates = ["a photo of a {}.", "a close-up photo of the {}", "{} on a wooden table next to a {}",
+                 "A blurry picture of my {} in the park, 2019", "there are {} {}s in this image!",
+                 "an illustration of a {} &amp; a {}", "the {} (left) and the {} (right)", "Café {} №{}"]
+    out = []
+    for _ in range(n):
+        t = templates[int(rng.integers(len(templates)))]
+        fill = [" ".join(words[min(int(z), len(words)) - 1] for z in rng.zipf(1.2, int(rng.integers(1, 4))))
+                for _ in range(t.count("{}"))]
+        out.append(t.format(*fill))
+    return out
+
+
+def _time_encode(encode, captions: list[str], batch: int) -> float:
+    """captions/s of ``encode(list_of_texts)`` over all captions, ``batch`` at a time."""
+    t0 = time.perf_counter()
+    for i in range(0, len(captions), batch):
+        encode(captions[i: i + batch])
+    return len(captions) / (time.perf_counter() - t0)
+
+
+def bench_tokenizers(args) -> dict:
+    """captions/s of every tokenizer on the same captions (see the module docstring)."""
+    from contrastive_jax.data.tokenizer import (ClipBpeTokenizer, SentencePieceTokenizer, TextRules,
+                                                WordTokenizer, train_sentencepiece)
+
+    captions = _captions(args.captions)
+    vocab, open_clip = args.vocab, None
+    try:
+        import open_clip
+
+        vocab = vocab or open_clip.tokenizer.default_bpe()
+    except ImportError:
+        pass
+    candidates = {}
+    if vocab:
+        for backend in ("tokenizers", "python"):
+            tok = ClipBpeTokenizer.from_file(vocab, 77, num_merges=48894, backend=backend)
+            candidates[f"clip_bpe_{backend}"] = tok.encode
+    if open_clip is not None and vocab:
+        simple = open_clip.tokenizer.SimpleTokenizer(vocab)
+        candidates["open_clip_simple_tokenizer"] = simple
+    candidates["word"] = WordTokenizer.from_texts(captions, 77).encode
+    sp = train_sentencepiece(captions[:5000], vocab_size=2000, rules=TextRules(clean="basic"))
+    candidates["sentencepiece_unigram_2k"] = SentencePieceTokenizer(sp, 77, TextRules(clean="basic")).encode
+    for encode in candidates.values():
+        _time_encode(encode, captions[:2000], 256)  # warm-up (caches, lazy builds)
+    results = {name: {"per_caption": 0, "batch_256": 0} for name in candidates}
+    for _ in range(args.rounds):
+        for name, encode in candidates.items():
+            for mode, batch in (("per_caption", 1), ("batch_256", 256)):
+                results[name][mode] = max(results[name][mode], round(_time_encode(encode, captions, batch)))
+    return {"benchmark": "tokenizer_captions_per_s", "captions": len(captions), "rounds": args.rounds,
+            "context_length": 77,
+            "vocab": vocab, "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+            "machine": platform.machine(), "results": results}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokenizers", action="store_true", help="captions/s of each tokenizer instead")
+    p.add_argument("--captions", type=int, default=20000, help="--tokenizers: number of captions")
+    p.add_argument("--rounds", type=int, default=3, help="--tokenizers: interleaved rounds (best reported)")
+    p.add_argument("--vocab", default=None, help="--tokenizers: CLIP's bpe_simple_vocab_16e6.txt.gz "
+                   "(default: open_clip's packaged file)")
     p.add_argument("--dataset", choices=("shapes", "jpeg"), default="shapes")
     p.add_argument("--workers", default="0,1,2", help="comma-separated grain worker counts")
     p.add_argument("--batch", type=int, default=256)
@@ -59,6 +142,9 @@ def main() -> None:
     p.add_argument("--views", type=int, default=1)
     p.add_argument("--data-dir", default=None, help="shapes: where it is (default: the config's)")
     args = p.parse_args()
+    if args.tokenizers:
+        print(json.dumps(bench_tokenizers(args), indent=1))
+        return
 
     from contrastive_jax import data
     from contrastive_jax.train.config import load_config

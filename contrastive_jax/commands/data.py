@@ -50,7 +50,7 @@ def add_arguments(parser) -> None:
     t.add_argument("--model-type", default="unigram", choices=("unigram", "bpe", "char", "word"))
     t.add_argument("--no-lowercase", action="store_true", help="keep case (then also set "
                    "--config.data.tokenizer.lowercase=False when training)")
-    t.add_argument("--clean", default="whitespace", choices=("none", "whitespace", "basic"))
+    t.add_argument("--clean", default="whitespace", choices=("none", "whitespace", "basic", "clip"))
     t.add_argument("--output", required=True, help="the .model file to write")
 
 

@@ -54,7 +54,8 @@ def tokenizer_defaults() -> ml_collections.ConfigDict:
     t.path = ""  # local file; never downloaded
     t.lowercase = True
     # 'none' | 'whitespace' (collapse runs of whitespace, strip) | 'basic' (also HTML-unescape and
-    # Unicode NFC normalization).
+    # Unicode NFC normalization) | 'clip' (open_clip's cleaning: ftfy, HTML-unescape twice,
+    # whitespace; the default of clip_bpe tokenizers).
     t.clean = "whitespace"
     # Append EOS after the tokens (truncation keeps room for it); the causal text tower pools there.
     t.add_eos = True

@@ -7,7 +7,9 @@
 * :class:`SentencePieceTokenizer` -- a SentencePiece ``.model`` (Kudo & Richardson 2018), trained
   with :func:`train_sentencepiece` / ``contrastive-jax data train-tokenizer`` or loaded from disk;
 * :class:`ClipBpeTokenizer` -- CLIP's byte-level BPE (Radford et al. 2021; the byte-level BPE of
-  Sennrich et al. 2016 as used by GPT-2), from a local merges file; never downloaded.
+  Sennrich et al. 2016 as used by GPT-2), from a local merges file; never downloaded. Its ids are
+  open_clip's (tested against open_clip's tokenizer on a corpus of 10,000+ strings) when ``ftfy``
+  and ``regex`` are installed; its BPE can also run in the ``tokenizers`` package (same ids).
 
 Sequence layout, for every implementation: ``[BOS?, t_1, ..., t_k, EOS, PAD, ..., PAD]`` of length
 ``max_len`` (int32). Only :class:`ClipBpeTokenizer` has a BOS (``<|startoftext|>``), as in CLIP.
@@ -25,13 +27,16 @@ from __future__ import annotations
 import abc
 import base64
 import dataclasses
+import functools
 import gzip
 import html
 import io
 import json
 import os
 import re
+import sys
 import unicodedata
+import warnings
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -42,7 +47,31 @@ PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 # 'top left: a' -> ['top', 'left', ':', 'a'].
 _TOKEN_RE = re.compile(r"[\w']+|[^\w\s]")
 _WHITESPACE_RE = re.compile(r"\s+")
-CLEAN_MODES = ("none", "whitespace", "basic")
+CLEAN_MODES = ("none", "whitespace", "basic", "clip")
+
+
+@functools.lru_cache(maxsize=None)
+def _ftfy_fix_text():
+    """``ftfy.fix_text``, or None (with one warning) when ftfy is not installed."""
+    try:
+        import ftfy
+    except ImportError:
+        warnings.warn("tokenizer.clean='clip' without the 'ftfy' package: text is only NFC-normalized, not "
+                      "repaired as open_clip does (mojibake such as 'cafÃ©', curly quotes, full-width forms, "
+                      "ligatures, control characters), so ids can differ from open_clip's for such text: "
+                      "pip install 'ftfy>=6.1'", stacklevel=3)
+        return None
+    return ftfy.fix_text
+
+
+def clip_clean(text: str) -> str:
+    """open_clip's text cleaning before lowercasing (``basic_clean`` then ``whitespace_clean``):
+    ``ftfy.fix_text`` (mojibake, HTML entities when no markup, curly quotes, full-width forms, NFC),
+    HTML entities unescaped twice, whitespace runs -> one space, stripped. Without ftfy the first
+    step is only Unicode NFC."""
+    fix = _ftfy_fix_text()
+    text = fix(text) if fix is not None else unicodedata.normalize("NFC", text)
+    return " ".join(html.unescape(html.unescape(text)).split())
 
 
 def split_words(text: str) -> list[str]:
@@ -62,7 +91,9 @@ class TextRules:
     Attributes:
       lowercase: lowercase the text first.
       clean: ``'none'``; ``'whitespace'`` (runs of whitespace -> one space, stripped);
-        ``'basic'`` (HTML entities unescaped, Unicode NFC, then as ``'whitespace'``).
+        ``'basic'`` (HTML entities unescaped, Unicode NFC, then as ``'whitespace'``);
+        ``'clip'`` (open_clip's cleaning, :func:`clip_clean`: ``ftfy`` when installed, HTML
+        entities, whitespace -- what CLIP BPE needs for open_clip's exact ids).
       add_eos: append EOS after the tokens (truncation keeps room for it).
     """
 
@@ -75,6 +106,9 @@ class TextRules:
             raise ValueError(f"tokenizer.clean must be one of {CLEAN_MODES}, got {self.clean!r}")
 
     def apply(self, text: str) -> str:
+        if self.clean == "clip":
+            text = clip_clean(text)
+            return text.lower() if self.lowercase else text
         if self.clean == "basic":
             # Twice: captions scraped from the web are often double-escaped ('&amp;amp;').
             text = unicodedata.normalize("NFC", html.unescape(html.unescape(text)))
@@ -134,6 +168,10 @@ class Tokenizer(abc.ABC):
     def tokenize(self, text: str) -> list[int]:
         """One text -> its token ids (rules applied; no BOS/EOS/padding, no truncation)."""
 
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Many texts -> their token ids (as :meth:`tokenize`; implementations may batch)."""
+        return [self.tokenize(t) for t in texts]
+
     @abc.abstractmethod
     def detokenize(self, ids: Sequence[int]) -> str:
         """Token ids (no specials) -> text."""
@@ -149,8 +187,8 @@ class Tokenizer(abc.ABC):
         out = np.full((len(texts), self.max_len), self.pad_id, np.int32)
         head = [] if self.bos_id is None else [self.bos_id]
         room = self.max_len - len(head) - (1 if self.rules.add_eos else 0)
-        for row, text in enumerate(texts):
-            ids = head + self.tokenize(text)[:room]
+        for row, tokens in enumerate(self.tokenize_batch(texts)):
+            ids = head + list(tokens[:room])
             if self.rules.add_eos:
                 ids.append(self.eos_id)
             out[row, : len(ids)] = ids
@@ -406,9 +444,47 @@ def train_sentencepiece(
 # ----------------------------------------------------------------------------------------------
 
 _SOT, _EOT = "<|startoftext|>", "<|endoftext|>"
-# Pre-tokenization: common English clitics, runs of letters, single digits, runs of other
-# non-space characters. (CLIP writes the letter class as \p{L}; [^\W\d_] is the same set in re.)
-_BPE_WORD_RE = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.IGNORECASE)
+# Strings that open_clip's tokenizer recognizes inside a text and maps to the BOS / EOS ids instead
+# of spelling them out (its special tokens' names; OpenAI's `clip` package uses the vocabulary's
+# '<|startoftext|>' / '<|endoftext|>' instead). Matched first at each position, case-insensitively.
+CLIP_TEXT_SPECIALS = ("<start_of_text>", "<end_of_text>")
+# Pre-tokenization of CLIP (OpenAI and open_clip): common English clitics, runs of letters, single
+# numerals, runs of anything else that is not whitespace. Unicode classes need the `regex` package;
+# without it they are spelled out from `unicodedata` (see _unicode_class).
+_CLIP_PRETOKENIZE = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+BPE_BACKENDS = ("python", "tokenizers")
+
+
+@functools.lru_cache(maxsize=None)
+def _unicode_class(prefix: str) -> str:
+    """The body of an ``re`` character class holding every code point whose Unicode general
+    category starts with ``prefix`` (``'L'`` letters, ``'N'`` numbers), as ``unicodedata`` (this
+    Python's Unicode version) knows them. Built once, in about a second."""
+    ranges: list[list[int]] = []
+    for cp in range(sys.maxunicode + 1):
+        if unicodedata.category(chr(cp)).startswith(prefix):
+            if ranges and ranges[-1][1] == cp - 1:
+                ranges[-1][1] = cp
+            else:
+                ranges.append([cp, cp])
+    return "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in ranges)
+
+
+@functools.lru_cache(maxsize=None)
+def clip_pretokenizer():
+    """The compiled pre-tokenization pattern of open_clip's tokenizer (specials first), with the
+    ``regex`` package when installed (as open_clip), else an ``re`` pattern with the same classes
+    spelled out from ``unicodedata`` (identical up to code points the two Unicode versions classify
+    differently)."""
+    specials = "|".join(re.escape(s) for s in CLIP_TEXT_SPECIALS)
+    try:
+        import regex
+    except ImportError:
+        letters, numbers = _unicode_class("L"), _unicode_class("N")
+        body = (_CLIP_PRETOKENIZE.replace(r"[^\s\p{L}\p{N}]", f"[^\\s{letters}{numbers}]")
+                .replace(r"[\p{L}]", f"[{letters}]").replace(r"[\p{N}]", f"[{numbers}]"))
+        return re.compile(specials + "|" + body, re.IGNORECASE)
+    return regex.compile(specials + "|" + _CLIP_PRETOKENIZE, regex.IGNORECASE)
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -429,8 +505,19 @@ def byte_to_unicode() -> dict[int, str]:
     return table
 
 
+def _is_header(line: str) -> bool:
+    # OpenAI's file begins '"bpe_simple_vocab_16e6.txt#version: 0.2' (a quote and the file name
+    # first); GPT-2-style files begin '#version: 0.2'. Neither is a merge.
+    return line.startswith("#") or "#version" in line
+
+
 def read_bpe_merges(path: str | os.PathLike, num_merges: int = -1) -> list[tuple[str, str]]:
-    """Reads a merges file (``.txt`` or ``.gz``): optional ``#version`` line, then ``a b`` per line.
+    """Reads a merges file (``.txt`` or ``.gz``): an optional header line, then ``a b`` per line.
+
+    The first line is a header, not a merge, when it starts with ``#`` or contains ``#version``
+    (CLIP's ``bpe_simple_vocab_16e6.txt.gz``). ``num_merges`` keeps the first N merges: CLIP's
+    checkpoints use 48,894 (open_clip reads lines 1..48,894 of that file), so its ids are
+    ``[256 bytes, 256 bytes + '</w>', 48,894 merges, BOS, EOS]`` = 49,408.
 
     Raises:
       FileNotFoundError / ValueError naming the file and the bad line.
@@ -441,19 +528,38 @@ def read_bpe_merges(path: str | os.PathLike, num_merges: int = -1) -> list[tuple
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
-    merges = []
+    merges: list[tuple[str, str]] = []
     for lineno, line in enumerate(lines, 1):
-        if not line.strip() or (lineno == 1 and line.startswith("#")):
+        if 0 <= num_merges <= len(merges):
+            break
+        if not line.strip() or (lineno == 1 and _is_header(line)):
             continue
         parts = line.split()
         if len(parts) != 2:
             raise ValueError(f"{path}:{lineno}: expected two symbols separated by a space, got {line!r}")
         merges.append((parts[0], parts[1]))
-    return merges if num_merges < 0 else merges[: int(num_merges)]
+    return merges
+
+
+def _tokenizers_bpe(token_to_id: dict[str, int], merges: list[tuple[str, str]]):
+    """The same BPE in the ``tokenizers`` package (Rust): CLIP's pre-tokenization regex (Oniguruma,
+    case-insensitive), the byte -> symbol table (``ByteLevel`` without its own regex; GPT-2's table
+    is CLIP's), then BPE with ``'</w>'`` marking a word's last symbol. Text cleaning stays ours."""
+    from tokenizers import Regex
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    tok = RustTokenizer(models.BPE(vocab=dict(token_to_id), merges=list(merges), continuing_subword_prefix="",
+                                   end_of_word_suffix="</w>", fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("(?i)" + _CLIP_PRETOKENIZE), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    return tok
 
 
 class ClipBpeTokenizer(Tokenizer):
-    """CLIP's byte-level BPE with CLIP's vocabulary layout and ids.
+    """CLIP's byte-level BPE with CLIP's vocabulary layout and ids (equal to open_clip's tokenizer).
 
     Ids: the 256 byte symbols (in :func:`byte_to_unicode`'s order), the same 256 with ``</w>``
     (end of word), one id per merge in file order, then ``<|startoftext|>`` (BOS) and
@@ -463,31 +569,50 @@ class ClipBpeTokenizer(Tokenizer):
     adjacent pair whose merge comes first in the file is joined, repeatedly, until no listed pair
     remains.
 
+    Text is prepared as open_clip does with the default rules (``clean='clip'``: ``ftfy``, HTML
+    entities, whitespace, lowercase; see :class:`TextRules`); open_clip's special-token names
+    inside a text (:data:`CLIP_TEXT_SPECIALS`) become the BOS / EOS ids, as there. Exactness with
+    open_clip needs the ``ftfy`` and ``regex`` packages (the ``[clip]`` extra); without them,
+    cleaning skips ftfy's repairs and the Unicode classes come from this Python's ``unicodedata``.
+
     Args:
       merges: the merge list, highest priority first (:func:`read_bpe_merges`).
+      backend: ``'python'`` (the BPE written here, with a per-word cache) or ``'tokenizers'`` (the
+        Rust BPE of the ``tokenizers`` package, built from the same merges). Both give open_clip's
+        ids (tested on the same corpus); the Python one is the default because it measured faster
+        (``tools/bench_data.py --tokenizers``: text cleaning dominates, a cached word is one dict
+        lookup, while each ``tokenizers`` call pays for its regex and Encoding objects). Not saved:
+        a choice of this process.
     """
 
     def __init__(self, merges: Sequence[tuple[str, str]], max_len: int,
-                 rules: TextRules = TextRules(clean="basic")):
+                 rules: TextRules = TextRules(clean="clip"), *, backend: str = "python"):
+        if backend not in BPE_BACKENDS:
+            raise ValueError(f"ClipBpeTokenizer backend={backend!r}; known: {', '.join(BPE_BACKENDS)}")
         self.rules = rules
+        self.backend = backend
         self._merges = [tuple(m) for m in merges]
         self._byte_sym = byte_to_unicode()
         self._sym_byte = {s: b for b, s in self._byte_sym.items()}
         syms = list(self._byte_sym.values())  # CLIP's order (see byte_to_unicode)
         vocab = syms + [s + "</w>" for s in syms] + [a + b for a, b in self._merges] + [_SOT, _EOT]
         self._id_to_token = vocab
-        # A merge may produce a token that already exists (the first id wins, as in CLIP's dict).
-        self._token_to_id: dict[str, int] = {}
-        for i, t in enumerate(vocab):
-            self._token_to_id.setdefault(t, i)
+        # A merge may produce a token listed before; the later id wins, as in CLIP's
+        # dict(zip(vocab, ids)) (the first 48,894 merges of CLIP's file produce no such token).
+        self._token_to_id = {t: i for i, t in enumerate(vocab)}
         self._rank = {m: i for i, m in enumerate(self._merges)}
+        self._special_ids = dict(zip(CLIP_TEXT_SPECIALS, (len(vocab) - 2, len(vocab) - 1)))
         self._cache: dict[str, list[int]] = {}
+        self._rust = None  # built on first use
         self._max_len = self._check_max_len(max_len)
 
     @classmethod
-    def from_file(cls, path, max_len: int, rules: TextRules = TextRules(clean="basic"),
-                  num_merges: int = -1) -> "ClipBpeTokenizer":
-        return cls(read_bpe_merges(path, num_merges), max_len, rules)
+    def from_file(cls, path, max_len: int, rules: TextRules = TextRules(clean="clip"),
+                  num_merges: int = -1, *, backend: str = "python") -> "ClipBpeTokenizer":
+        return cls(read_bpe_merges(path, num_merges), max_len, rules, backend=backend)
+
+    def __getstate__(self):  # the Rust tokenizer is rebuilt in each process (grain workers)
+        return {**self.__dict__, "_rust": None, "_cache": {}}
 
     @property
     def vocab_size(self) -> int:
@@ -504,6 +629,17 @@ class ClipBpeTokenizer(Tokenizer):
     @property
     def eos_id(self) -> int:
         return len(self._id_to_token) - 1
+
+    def _rust_tokenizer(self):
+        if self.backend == "python":
+            return None
+        if self._rust is None:
+            try:
+                self._rust = _tokenizers_bpe(self._token_to_id, self._merges)
+            except ImportError:
+                raise ImportError("ClipBpeTokenizer(backend='tokenizers') needs the 'tokenizers' package: "
+                                  "pip install 'tokenizers>=0.19'") from None
+        return self._rust
 
     def bpe(self, word: str) -> list[str]:
         """One pre-token (already byte-mapped) -> its BPE symbols."""
@@ -525,9 +661,14 @@ class ClipBpeTokenizer(Tokenizer):
             parts = merged
         return parts
 
-    def tokenize(self, text: str) -> list[int]:
+    def _tokenize_clean(self, text: str) -> list[int]:
+        """Already-cleaned text -> ids, with the BPE written here."""
         ids: list[int] = []
-        for word in _BPE_WORD_RE.findall(self.rules.apply(text)):
+        for word in clip_pretokenizer().findall(text):
+            special = self._special_ids.get(word.lower())
+            if special is not None:
+                ids.append(special)
+                continue
             cached = self._cache.get(word)
             if cached is None:
                 mapped = "".join(self._byte_sym[b] for b in word.encode("utf-8"))
@@ -536,6 +677,28 @@ class ClipBpeTokenizer(Tokenizer):
                     self._cache[word] = cached
             ids.extend(cached)
         return ids
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenize_batch([text])[0]
+
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Texts -> their token ids (rules applied; no BOS/EOS, no truncation), with the chosen
+        backend. Texts naming a special token (:data:`CLIP_TEXT_SPECIALS`) take the Python
+        path, which maps them to BOS / EOS as open_clip does."""
+        cleaned = [self.rules.apply(t) for t in texts]
+        rust = self._rust_tokenizer()
+        if rust is None:
+            return [self._tokenize_clean(t) for t in cleaned]
+        out: list[list[int] | None] = [None] * len(cleaned)
+        plain = []
+        for i, t in enumerate(cleaned):
+            if "<" in t and any(s in t.lower() for s in CLIP_TEXT_SPECIALS):
+                out[i] = self._tokenize_clean(t)
+            else:
+                plain.append(i)
+        for i, enc in zip(plain, rust.encode_batch([cleaned[i] for i in plain], add_special_tokens=False)):
+            out[i] = enc.ids
+        return out  # type: ignore[return-value]
 
     def detokenize(self, ids: Sequence[int]) -> str:
         text = "".join(self._id_to_token[i] for i in ids if i < self.bos_id)
@@ -547,7 +710,7 @@ class ClipBpeTokenizer(Tokenizer):
 
     def replace(self, *, max_len=None, rules=None) -> "ClipBpeTokenizer":
         return ClipBpeTokenizer(self._merges, self.max_len if max_len is None else max_len,
-                                self.rules if rules is None else rules)
+                                self.rules if rules is None else rules, backend=self.backend)
 
     def save(self, path: str | os.PathLike) -> None:
         self._write(path, {"type": "clip_bpe", "merges": [" ".join(m) for m in self._merges]})
@@ -581,7 +744,12 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         return SentencePieceTokenizer(base64.b64decode(payload["model_proto"]), max_len, rules)
     if kind == "clip_bpe":
         return ClipBpeTokenizer([tuple(m.split(" ")) for m in payload["merges"]], max_len, rules)
-    raise ValueError(f"{path}: unknown tokenizer type {kind!r} (known: word, sentencepiece, clip_bpe)")
+    if kind in ("hf_tokenizers", "hf_sentencepiece"):  # issue 16 (helper B): Hugging Face folders' tokenizers
+        from contrastive_jax.data.hf_tokenizer import load_saved
+
+        return load_saved(payload, max_len, rules)
+    raise ValueError(f"{path}: unknown tokenizer type {kind!r} (known: word, sentencepiece, clip_bpe, "
+                     "hf_tokenizers, hf_sentencepiece)")
 
 
 TOKENIZER_KINDS = ("auto", "word", "sentencepiece", "clip_bpe")

@@ -27,9 +27,15 @@ What the weights do not say, and how it is decided:
 - Attention heads: ``image_heads`` / ``text_heads`` arguments, else an open_clip model config
   (``vision_cfg.head_width``, ``text_cfg.heads``), else width / 64 — except widths 1280, 1408 and
   1664 of open_clip's ViT-H/14, g/14 and bigG/14 image towers, which have 16 heads.
-- The activation: ``act`` argument, else the open_clip config's ``quick_gelu`` flag (open_clip's
-  models use exact GELU unless named ``-quickgelu``), else QuickGELU (OpenAI's), with a warning
-  when nothing in the file said so.
+- The activation (:func:`infer_activation`): the ``act`` argument; else an open_clip model config
+  (``open_clip_config.json``, flat or under ``model_cfg``): its ``quick_gelu`` flag, absent meaning
+  False as in open_clip, i.e. exact (erf) GELU, PyTorch's ``nn.GELU``; else a file or folder name
+  containing ``quickgelu``: QuickGELU; else OpenAI's release format (a TorchScript archive, or its
+  ``input_resolution`` entry): QuickGELU; else open_clip's default, exact GELU, with a warning
+  (OpenAI's weights saved as a plain state dict need ``act='quick_gelu'``).
+
+An open_clip hub folder (``open_clip_pytorch_model.bin`` or ``open_clip_model.safetensors`` beside
+``open_clip_config.json``) is read as its weights file (:func:`find_open_clip_weights`).
 """
 from __future__ import annotations
 
@@ -55,6 +61,9 @@ _IGNORED_KEYS = re.compile(r"^(input_resolution|context_length|vocab_size|(text\
 _VISION_HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16}
 # byte symbols (256) + the same with </w> (256) + <|startoftext|> + <|endoftext|>
 _BPE_NON_MERGE_IDS = 514
+# open_clip's hub file names (open_clip.constants), safetensors first: it needs no PyTorch.
+OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+ACTIVATIONS = ("quick_gelu", "gelu_exact")
 
 
 class ConversionError(ValueError):
@@ -207,10 +216,66 @@ def read_open_clip_config(spec: str | os.PathLike | Mapping | None) -> dict | No
     return cfg
 
 
+def find_open_clip_weights(directory: str | os.PathLike) -> str | None:
+    """The weights file of an open_clip hub folder (``open_clip_model.safetensors`` preferred over
+    ``open_clip_pytorch_model.bin``), or None when ``directory`` is not such a folder."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return None
+    for name in OPEN_CLIP_WEIGHTS:
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    return None
+
+
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive (OpenAI's released ``.pt`` files) holds compiled ``code/``; a pickled
+    state dict (``torch.save``, what open_clip writes) does not."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.split("/", 2)[1:2] == ["code"] for n in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def infer_activation(state_dict: Mapping[str, Any], *, act: str | None = None, open_clip_config: Mapping | None = None,
+                     source: str | os.PathLike | None = None) -> tuple[str, str | None]:
+    """``(act, note)``: which GELU the checkpoint's MLPs use, and a note when it was assumed.
+
+    Weights cannot say it: open_clip's models use exact GELU (``nn.GELU``) unless their name ends
+    in ``-quickgelu`` (their config then has ``quick_gelu: true``); OpenAI's use QuickGELU. The
+    evidence, strongest first: ``act``; an open_clip config (``quick_gelu`` absent = False); a
+    file or folder name containing ``quickgelu``; OpenAI's release format (TorchScript, or an
+    ``input_resolution`` entry). Without any: exact GELU (open_clip's default), with a note.
+    """
+    if act is not None:
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act={act!r}; a CLIP checkpoint uses one of {', '.join(ACTIVATIONS)}")
+        return act, None
+    if open_clip_config and any(k in open_clip_config for k in ("vision_cfg", "text_cfg", "embed_dim", "quick_gelu")):
+        return ("quick_gelu" if open_clip_config.get("quick_gelu", False) else "gelu_exact"), None
+    path = os.path.abspath(os.fspath(source)) if source is not None else ""
+    names = [os.path.basename(path), os.path.basename(os.path.dirname(path))] if path else []
+    if any("quickgelu" in n.lower() for n in names):
+        return "quick_gelu", None
+    if "input_resolution" in state_dict or (path and os.path.isfile(path) and _is_torchscript(path)):
+        return "quick_gelu", None
+    return "gelu_exact", ("activation: nothing says which GELU the model used (no open_clip_config.json, no "
+                          "'quickgelu' in its name, not OpenAI's TorchScript format); assumed open_clip's default, "
+                          "exact GELU. OpenAI's CLIP weights and open_clip '-quickgelu' models use QuickGELU: "
+                          "pass act='quick_gelu'")
+
+
 def infer_model_config(state_dict: Mapping[str, Any], layout: str, *, act: str | None = None,
                        image_heads: int | None = None, text_heads: int | None = None,
-                       open_clip_config: Mapping | None = None) -> tuple[dict, list[str]]:
+                       open_clip_config: Mapping | None = None, source: str | os.PathLike | None = None
+                       ) -> tuple[dict, list[str]]:
     """The architecture of a CLIP ViT state dict, as our ``config.model`` fields.
+
+    ``source``: the file (or open_clip hub folder) the weights came from; its name and format are
+    evidence for the activation (:func:`infer_activation`).
 
     Returns ``(model, notes)``: ``model`` is a plain dict (``embed_dim``, ``image_size``,
     ``image``, ``text``, ...), ``notes`` lists the choices the weights could not make (see the
@@ -238,16 +303,9 @@ def infer_model_config(state_dict: Mapping[str, Any], layout: str, *, act: str |
     for name, width, heads in (("image", w, image_heads), ("text", tw, text_heads)):
         if width % heads:
             raise ConversionError(f"{name} width {width} is not divisible by {heads} heads; pass {name}_heads=")
-    if act is None:
-        if "quick_gelu" in oc:
-            act = "quick_gelu" if oc["quick_gelu"] else "gelu_exact"
-        elif "input_resolution" in state_dict:  # only OpenAI's own TorchScript files carry it
-            act = "quick_gelu"
-        else:
-            act = "quick_gelu"
-            notes.append("activation: the weights do not say which GELU the model used; assumed OpenAI's "
-                         "QuickGELU. open_clip models whose name has no '-quickgelu' use exact GELU: pass "
-                         "act='gelu_exact' (or the model's open_clip_config.json)")
+    act, why = infer_activation(state_dict, act=act, open_clip_config=oc, source=source)
+    if why:
+        notes.append(why)
     common = dict(act=act, norm_eps=1e-5)
     model = dict(
         embed_dim=_shape(state_dict, "visual.proj")[1],
@@ -281,8 +339,8 @@ def _get(tree: Mapping, path: str):
 
 def convert_state_dict(state_dict: Mapping[str, Any], *, layout: str = "auto", act: str | None = None,
                        image_heads: int | None = None, text_heads: int | None = None,
-                       open_clip_config: str | os.PathLike | Mapping | None = None
-                       ) -> tuple[dict, dict, list[str]]:
+                       open_clip_config: str | os.PathLike | Mapping | None = None,
+                       source: str | os.PathLike | None = None) -> tuple[dict, dict, list[str]]:
     """A CLIP ViT state dict -> ``(model, params, notes)``.
 
     Args:
@@ -290,6 +348,8 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, layout: str = "auto", a
         :func:`contrastive_jax.interop.read_state_dict`.
       layout: ``'auto'`` | ``'openai'`` | ``'open_clip'`` (see the module docstring).
       act / image_heads / text_heads / open_clip_config: what the weights cannot say.
+      source: the file the weights were read from (evidence for the activation, see
+        :func:`infer_activation`).
 
     Returns:
       ``model``: our ``config.model`` fields plus ``image_size`` and ``logit_bias`` (plain dict);
@@ -304,7 +364,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, layout: str = "auto", a
     layout = detect_layout(sd) if layout == "auto" else layout
     _text_prefix(layout)  # validates the name
     model, notes = infer_model_config(sd, layout, act=act, image_heads=image_heads, text_heads=text_heads,
-                                      open_clip_config=read_open_clip_config(open_clip_config))
+                                      open_clip_config=read_open_clip_config(open_clip_config), source=source)
     rules = _rules(model, layout, logit_bias=model["logit_bias"])
     expected = {r.key for r in rules}
     problems = [f"unmapped key {k!r} {tuple(np.shape(sd[k]))}" for k in sd if k not in expected]
@@ -318,7 +378,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, layout: str = "auto", a
             f"{model['text']['depth']} layers):\n  " + "\n  ".join(problems))
     params: dict = {}
     for rule in rules:
-        values = rule.to_ours(np.asarray(sd[rule.key]).astype(np.float32))
+        values = rule.to_ours(np.asarray(sd[rule.key]).astype(np.float32, copy=False))  # fp16/bf16 -> fp32
         for path, value in zip(rule.paths, values):
             _set(params, path, np.asarray(value, order="C"))
     if not model["logit_bias"]:
@@ -342,7 +402,7 @@ def run_config(model: Mapping[str, Any], *, vocab_path: str | None = None,
         image_size=int(image_size), max_text_len=int(model["text"]["context_length"]),
         mean=tuple(pre.get("mean", CLIP_MEAN)), std=tuple(pre.get("std", CLIP_STD)),
         tokenizer=dict(kind="clip_bpe", path=os.path.abspath(vocab_path) if vocab_path else "", lowercase=True,
-                       clean="basic", add_eos=True, bpe_merges=vocab - _BPE_NON_MERGE_IDS),
+                       clean="clip", add_eos=True, bpe_merges=vocab - _BPE_NON_MERGE_IDS),
     )
     return c
 
@@ -353,7 +413,7 @@ def clip_tokenizer(vocab_path: str | os.PathLike, vocab_size: int, context_lengt
     from contrastive_jax.data.tokenizer import ClipBpeTokenizer, TextRules
 
     tok = ClipBpeTokenizer.from_file(vocab_path, max_len=int(context_length),
-                                     rules=TextRules(lowercase=True, clean="basic", add_eos=True),
+                                     rules=TextRules(lowercase=True, clean="clip", add_eos=True),
                                      num_merges=int(vocab_size) - _BPE_NON_MERGE_IDS)
     if tok.vocab_size != vocab_size:
         raise ValueError(f"{vocab_path}: gives a vocabulary of {tok.vocab_size} ids but the checkpoint's text "

@@ -63,11 +63,14 @@ def load_clip_checkpoint(path: str | os.PathLike, *, vocab: str | os.PathLike | 
     """Converts an OpenAI CLIP or open_clip ViT checkpoint file.
 
     Args:
-      path: ``.pt`` / ``.pth`` / ``.bin`` (needs PyTorch) or ``.safetensors`` (does not).
+      path: ``.pt`` / ``.pth`` / ``.bin`` (needs PyTorch) or ``.safetensors`` (does not), or an
+        open_clip hub folder (``open_clip_config.json`` + ``open_clip_model.safetensors`` or
+        ``open_clip_pytorch_model.bin``).
       vocab: CLIP's BPE merges file (``bpe_simple_vocab_16e6.txt.gz``, shipped with OpenAI's
         ``clip`` and with open_clip); default: such a file beside ``path``, else no tokenizer.
       layout: ``'auto'`` | ``'openai'`` | ``'open_clip'``.
-      act: ``'quick_gelu'`` | ``'gelu_exact'``; default from ``open_clip_config``, else QuickGELU.
+      act: ``'quick_gelu'`` | ``'gelu_exact'``; default: inferred (``interop.clip.infer_activation``:
+        the open_clip config, a ``quickgelu`` name, OpenAI's TorchScript format, else exact GELU).
       image_heads / text_heads: attention heads, when not width / 64 (see ``interop.clip``).
       open_clip_config: open_clip's model config (dict or JSON path); default:
         ``open_clip_config.json`` beside ``path`` when present.
@@ -77,6 +80,7 @@ def load_clip_checkpoint(path: str | os.PathLike, *, vocab: str | os.PathLike | 
       ConversionError: listing unmapped / missing / mis-shaped keys.
     """
     path = os.fspath(path)
+    path = clip_lib.find_open_clip_weights(path) or path  # issue 16 (helper A): an open_clip hub folder
     notes: list[str] = []
     if open_clip_config is None and (found := _beside(path, (_OPEN_CLIP_CONFIG,))):
         open_clip_config = found
@@ -87,7 +91,8 @@ def load_clip_checkpoint(path: str | os.PathLike, *, vocab: str | os.PathLike | 
     state_dict = read_state_dict(path)
     layout = clip_lib.detect_layout(state_dict) if layout == "auto" else layout
     model, params, assumed = clip_lib.convert_state_dict(
-        state_dict, layout=layout, act=act, image_heads=image_heads, text_heads=text_heads, open_clip_config=oc)
+        state_dict, layout=layout, act=act, image_heads=image_heads, text_heads=text_heads, open_clip_config=oc,
+        source=path)  # issue 16 (helper A): the file's name and format say which GELU
     for note in assumed:
         warnings.warn(f"{path}: {note}", stacklevel=2)
     notes += assumed

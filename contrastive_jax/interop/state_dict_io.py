@@ -130,7 +130,8 @@ def write_state_dict(state_dict: Mapping[str, np.ndarray], path: str | os.PathLi
         save_file(arrays, path, metadata={"format": "pt"})
     elif path.endswith(TORCH_SUFFIXES):
         torch = _torch()
-        torch.save({k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, path)
+        # torch.from_numpy needs a writable array; copy only the read-only ones (views of jax arrays).
+        torch.save({k: torch.from_numpy(v if v.flags.writeable else v.copy()) for k, v in arrays.items()}, path)
     else:
         raise ValueError(f"{path}: unknown checkpoint format; expected one of "
                          f"{', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)}")

@@ -59,7 +59,7 @@ from contrastive_jax.models.layers import ACTIVATIONS, REMAT_POLICIES
 from contrastive_jax.models.resnet import RESNET_DEPTHS, ResNet
 from contrastive_jax.models.schema import ModuleSchema
 from contrastive_jax.models.text import TextTransformer
-from contrastive_jax.models.towers import HEAD_TYPES, TwoTower
+from contrastive_jax.models.towers import HEAD_TYPES, TOWER_HEAD_TYPES, TwoTower
 from contrastive_jax.models.vit import VisionTransformer
 
 # Enumerated fields shared by the transformer towers.
@@ -67,7 +67,9 @@ _BLOCK_CHOICES = dict(act=tuple(ACTIVATIONS), remat=REMAT_POLICIES)
 # The model-level head fields, read by every built-in model kind.
 HEAD_CHOICES = dict(head=HEAD_TYPES, head_act=tuple(ACTIVATIONS))
 
-TWO_TOWER = ModuleSchema(TwoTower, required=dict(embed_dim=128), choices=HEAD_CHOICES,
+TWO_TOWER = ModuleSchema(TwoTower, required=dict(embed_dim=128),
+                         choices=dict(HEAD_CHOICES, image_head=("",) + TOWER_HEAD_TYPES,
+                                      text_head=("",) + TOWER_HEAD_TYPES),
                          builder_fields=("image", "text", "dtype"))
 VIT = ModuleSchema(
     VisionTransformer,

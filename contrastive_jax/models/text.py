@@ -57,6 +57,9 @@ class TextTransformer(nn.Module):
       act / remat / scan / norm_eps: as :class:`~contrastive_jax.models.vit.VisionTransformer`.
       eos_id: -1 (pad id 0 marks padding, EOS is the last non-pad token) or the id of the EOS
         token, pooled at its first occurrence (OpenAI CLIP: 49407, since its id 0 is ``!``).
+      mask_pad: mask padding keys in attention (see the module docstring). False: every position
+        attends to every position, pads included, as SigLIP was trained (big_vision; Hugging Face's
+        ``SiglipTextModel`` called without ``attention_mask``).
       dtype: compute dtype (params stay float32); set from ``model.dtype``.
     """
 
@@ -72,6 +75,7 @@ class TextTransformer(nn.Module):
     remat: str = "none"
     scan: bool = False
     eos_id: int = -1
+    mask_pad: bool = True
     norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
 
@@ -119,6 +123,8 @@ class TextTransformer(nn.Module):
             valid = tokens != PAD_ID  # [B, L]
             # EOS = last non-pad token; an all-pad row pools position 0 rather than wrapping to -1.
             eos = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
+        if not self.mask_pad:
+            valid = jnp.ones_like(valid)
         key_mask = valid[:, None, None, :]  # keys: [B, 1, 1, L]
         mask = key_mask
         if self.causal:

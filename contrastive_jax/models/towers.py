@@ -31,6 +31,21 @@ import jax.numpy as jnp
 from contrastive_jax.models.layers import DenseGeneral, Dtype, activation, l2_normalize
 
 HEAD_TYPES = ("linear", "mlp")
+# A tower's own head (TwoTower.image_head / text_head) may also be the identity.
+TOWER_HEAD_TYPES = HEAD_TYPES + ("none",)
+
+
+class Identity(nn.Module):
+    """The ``'none'`` head: ``[B, W] -> [B, W]`` unchanged, no params (SigLIP's image tower, whose
+    attention-pooling head already ends at the joint width). ``W`` must equal ``embed_dim``."""
+
+    embed_dim: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if x.shape[-1] != self.embed_dim:
+            raise ValueError(f"head 'none' needs the tower's width {x.shape[-1]} to equal embed_dim {self.embed_dim}")
+        return x
 
 
 class MlpHead(nn.Module):
@@ -54,7 +69,9 @@ class MlpHead(nn.Module):
 
 def make_head(kind: str, embed_dim: int, *, hidden: int = 0, act: str = "gelu", use_bias: bool = False,
               dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Module:
-    """A projection head module: ``'linear'`` (CLIP) or ``'mlp'`` (SimCLR-style)."""
+    """A projection head module: ``'linear'`` (CLIP), ``'mlp'`` (SimCLR-style) or ``'none'``."""
+    if kind == "none":
+        return Identity(embed_dim, name=name)
     if kind == "linear":
         return DenseGeneral((embed_dim,), ("embed", "joint"), ("joint",) if use_bias else None, dtype=dtype, name=name)
     if kind == "mlp":
@@ -103,6 +120,8 @@ class TwoTower(_ScaleBias):
       head: projection heads ``'linear'`` (CLIP) | ``'mlp'`` (two layers, SimCLR-style), see
         :func:`make_head`. head_hidden: the MLP head's hidden width (0: the tower's width).
         head_act: its activation. head_bias: whether head layers have biases (CLIP: none).
+      image_head / text_head: that tower's head kind when it differs from ``head`` (``''``: ``head``);
+        SigLIP: ``image_head='none'`` (its MAP head ends at the joint width), a linear text head.
       dtype: compute dtype of the heads (the towers carry their own); from ``model.dtype``.
     """
 
@@ -116,14 +135,16 @@ class TwoTower(_ScaleBias):
     head_hidden: int = 0
     head_act: str = "gelu"
     head_bias: bool = False
+    image_head: str = ""
+    text_head: str = ""
     dtype: Dtype = jnp.float32
 
     modalities = ("image", "text")
 
     def setup(self):
         kw = dict(hidden=self.head_hidden, act=self.head_act, use_bias=self.head_bias, dtype=self.dtype)
-        self.image_proj = make_head(self.head, self.embed_dim, **kw)
-        self.text_proj = make_head(self.head, self.embed_dim, **kw)
+        self.image_proj = make_head(self.image_head or self.head, self.embed_dim, **kw)
+        self.text_proj = make_head(self.text_head or self.head, self.embed_dim, **kw)
         self.log_scale, self.logit_bias = self._scale_bias_params()
 
     def encode_image(self, images: jax.Array, *, train: bool = False) -> jax.Array:

@@ -122,6 +122,9 @@ class VisionTransformer(nn.Module):
       norm_pre: a LayerNorm before the encoder (OpenAI CLIP's ``ln_pre``: True).
       cls_posemb: with ``pool='cls'``, the class token gets a learned position (OpenAI CLIP).
       patch_dropout: FLIP: fraction in [0, 1) of the patch tokens dropped at train time.
+      crop_to_patches: image sides need not be multiples of ``patch_size``: the last ``H % p``
+        rows and ``W % p`` columns are ignored, as PyTorch's strided patch convolution does
+        (SigLIP So400m/14 at 384 px: a 27 x 27 grid). False: such sizes are an error.
       remat: ``'none'`` | ``'full'`` | ``'dots_saveable'``: what the backward pass recomputes.
       scan: ``nn.scan`` over the blocks (params stacked on a leading ``layers`` axis, one
         compiled block).
@@ -142,6 +145,7 @@ class VisionTransformer(nn.Module):
     norm_pre: bool = False
     cls_posemb: bool = False
     patch_dropout: float = 0.0
+    crop_to_patches: bool = False
     remat: str = "none"
     scan: bool = False
     norm_eps: float = 1e-6
@@ -157,7 +161,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"VisionTransformer expects images [B, H, W, C], got shape {images.shape}")
         _, h, w, _ = images.shape
         p = self.patch_size
-        if h % p or w % p:
+        if (h % p or w % p) and not self.crop_to_patches:
             raise ValueError(f"image size {h}x{w} is not divisible by patch_size {p}")
         if self.posemb not in POSEMB_TYPES:
             raise ValueError(f"unknown posemb {self.posemb!r}; expected one of {POSEMB_TYPES}")
@@ -166,6 +170,8 @@ class VisionTransformer(nn.Module):
         if not 0.0 <= self.patch_dropout < 1.0:
             raise ValueError(f"patch_dropout must be in [0, 1), got {self.patch_dropout}")
         use_cls = self.pool == "cls"
+        if h % p or w % p:  # crop_to_patches
+            images = images[:, : h - h % p, : w - w % p]
         x = images.astype(self.dtype)
         if self.stem == "conv":
             if p & (p - 1):

@@ -191,7 +191,8 @@ def test_bpe_byte_ids_follow_clip_vocabulary_order():
     # then the same 256 with '</w>'. So a lone 'a' (byte 97, printable index 97 - 33 = 64) is
     # 'a</w>' = 256 + 64 = 320, the id OpenAI's tokenizer gives the word "a"; '!' inside a word
     # is id 0 -- the same value as padding.
-    tok = ClipBpeTokenizer([], max_len=8)
+    # clean='none' (issue 16, helper A): the default 'clip' cleaning (ftfy, as open_clip) drops DEL.
+    tok = ClipBpeTokenizer([], max_len=8, rules=TextRules(clean="none"))
     assert tok.tokenize("a") == [320]
     assert tok.tokenize("!?") == [0, 256 + ord("?") - 33]
     # DEL (byte 127) is the 34th non-printable byte (after 0..32): 256 + 188 + 33.

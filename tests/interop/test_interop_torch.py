@@ -4,6 +4,7 @@ The reference is ``tests/clip_reference.py``: the OpenAI CLIP ViT architecture w
 PyTorch for these tests (random weights, small widths), in OpenAI's and open_clip's key layouts.
 """
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -53,7 +54,9 @@ def test_openai_torchscript_checkpoint_matches_pytorch(tmp_path, merges):
     # OpenAI's released .pt files are TorchScript archives; this one is too.
     path = tmp_path / "ViT-tiny.pt"
     torch.jit.trace_module(ref, {"encode_image": torch.zeros(1, 3, 32, 32)}).save(str(path))
-    with pytest.warns(UserWarning, match="QuickGELU"):
+    # The TorchScript format is OpenAI's release format: QuickGELU, nothing assumed (no warning).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*activation.*")
         model = contrastive_jax.load(path, vocab=merges, text_heads=4)
     text = model.config.model.text
     assert (model.config.model.image.act, text.act, text.eos_id, text.vocab_size) == (
@@ -120,3 +123,27 @@ def test_half_precision_checkpoint_is_converted_exactly(tmp_path, merges):
     np.testing.assert_array_equal(params["image_proj"]["kernel"], sd16["visual.proj"].astype(np.float32))
     np.testing.assert_array_equal(params["text"]["token_embedding"],
                                   sd16["token_embedding.weight"].astype(np.float32))
+
+
+def test_activation_without_a_config_comes_from_the_name_else_exact_gelu(tmp_path):
+    # A plain state dict (torch.save, what open_clip writes) with no open_clip_config.json beside it.
+    sd = ref_lib.Clip(vocab=VOCAB).state_dict()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "ViT-tiny-quickgelu").mkdir()
+    torch.save(sd, tmp_path / "plain" / "weights.bin")
+    torch.save(sd, tmp_path / "ViT-tiny-quickgelu" / "weights.bin")
+    torch.save(sd, tmp_path / "plain" / "ViT-tiny-quickgelu.bin")
+    with pytest.warns(UserWarning, match="assumed open_clip's default, exact GELU"):
+        ckpt = interop.load_clip_checkpoint(tmp_path / "plain" / "weights.bin", text_heads=4)
+    assert ckpt.config.model.image.act == ckpt.config.model.text.act == "gelu_exact"
+    for path in (tmp_path / "ViT-tiny-quickgelu" / "weights.bin", tmp_path / "plain" / "ViT-tiny-quickgelu.bin"):
+        ckpt = interop.load_clip_checkpoint(path, text_heads=4)
+        assert ckpt.config.model.image.act == "quick_gelu" and ckpt.notes == [], path
+    # A hub config without 'quick_gelu' means False in open_clip: exact GELU; act= overrides it.
+    (tmp_path / "plain" / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"embed_dim": 48}}))
+    assert interop.load_clip_checkpoint(tmp_path / "plain" / "ViT-tiny-quickgelu.bin", text_heads=4
+                                        ).config.model.image.act == "gelu_exact"
+    assert interop.load_clip_checkpoint(tmp_path / "plain" / "weights.bin", text_heads=4, act="quick_gelu"
+                                        ).config.model.text.act == "quick_gelu"
+    with pytest.raises(ValueError, match="act='gelu'"):
+        interop.load_clip_checkpoint(tmp_path / "plain" / "weights.bin", text_heads=4, act="gelu")
