@@ -39,7 +39,8 @@ from typing import Any, Callable, Mapping
 import ml_collections
 import numpy as np
 
-from contrastive_jax.interop.clip import CLIP_MEAN, CLIP_STD, ConversionError, jax_to_numpy, unstack_layers
+from contrastive_jax.interop.clip import (CLIP_MEAN, CLIP_STD, ConversionError, _get, _set, jax_to_numpy,
+                                          unstack_layers)
 
 HF_MODEL_TYPES = ("clip", "siglip")
 ARCHITECTURES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
@@ -284,19 +285,6 @@ def _rules(kind: str, model: Mapping, image_size: int) -> list[_Rule]:
         rules += _dense(f"{t}.head", "text_proj", d, tw)
         rules += [_Rule("logit_scale", ("log_scale",), (1,), *scalar), _Rule("logit_bias", ("bias",), (1,), *scalar)]
     return rules
-
-
-def _set(tree: dict, path: str, value) -> None:
-    *parents, leaf = path.split("/")
-    for name in parents:
-        tree = tree.setdefault(name, {})
-    tree[leaf] = value
-
-
-def _get(tree: Mapping, path: str):
-    for name in path.split("/"):
-        tree = tree[name]
-    return tree
 
 
 def convert_hf_state_dict(state_dict: Mapping[str, Any], cfg: Mapping) -> tuple[dict, int, dict, list[str]]:
