@@ -111,19 +111,11 @@ def check_writable(path: str, what: str) -> str | None:
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
-    """Writes ``path`` whole or not at all: a temporary file in the same folder, then
-    ``os.replace`` (a reader never sees half a file; an earlier eval.json survives a failure)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2, default=_to_json)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Writes ``path`` whole or not at all (:func:`contrastive_jax.storage.write_text`: a temporary
+    file, then ``os.replace``; a reader never sees half a file, an earlier eval.json survives)."""
+    from contrastive_jax import storage
+
+    storage.write_text(path, json.dumps(payload, indent=2, default=_to_json))
 
 
 def _to_json(value):

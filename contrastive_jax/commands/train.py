@@ -1,8 +1,12 @@
 """``contrastive-jax train --config FILE[:ARG] --workdir DIR [--config.a.b=v ...]``.
 
-Exit codes: 0 done (or stopped by ``train.max_steps_per_run``), 2 config error, 3 non-finite
-loss/gradient under ``train.nonfinite='stop'``, 75 stopped by SIGTERM or ``train.deadline_minutes``
-after saving a checkpoint (re-run the same command to resume).
+Exit codes: 0 done (or stopped by ``train.max_steps_per_run``), 2 config error or an unusable
+workdir (read-only, in use by a live trainer, holding another model's run, no readable checkpoint),
+3 non-finite loss/gradient under ``train.nonfinite='stop'`` (or more than
+``train.max_nonfinite_fraction`` of the steps skipped under 'skip'), 74 a checkpoint could not be written (disk full;
+the previous checkpoint is intact), 75 stopped by SIGTERM or ``train.deadline_minutes``
+or Ctrl-C after saving a checkpoint (re-run the same command to resume), 130 Ctrl-C before
+training started.
 
 Multi-host: every process runs the same command. ``--coordinator HOST:PORT --num-processes N
 --process-id I`` start ``jax.distributed`` explicitly; ``--distributed`` lets JAX detect the
@@ -18,6 +22,7 @@ from contrastive_jax.commands import EXIT_CONFIG_ERROR, load_config_or_none
 
 HELP = "train (or resume) a run described by a config file"
 EXIT_NONFINITE = 3
+EXIT_IO_ERROR = 74  # EX_IOERR: a checkpoint could not be written (disk full, ...); the previous one is intact
 
 
 def add_arguments(parser) -> None:
@@ -30,7 +35,21 @@ def add_arguments(parser) -> None:
                         help="initialize jax.distributed from the cluster environment (TPU, SLURM, MPI)")
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C outside the training loop (nothing to save yet)
+
+
 def run(args, overrides) -> int:
+    try:
+        return _run(args, overrides)
+    except KeyboardInterrupt:
+        # The loop turns Ctrl-C into a checkpoint and exit 75; this is Ctrl-C before the loop
+        # started (imports, data generation, compilation) or after it ended (final evaluation).
+        print("contrastive-jax: interrupted (Ctrl-C); every checkpoint written so far is intact",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+def _run(args, overrides) -> int:
     config = load_config_or_none(args.config, overrides)
     if config is None:
         return EXIT_CONFIG_ERROR
@@ -39,13 +58,26 @@ def run(args, overrides) -> int:
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     import jax
 
+    from contrastive_jax.train.checkpoint import CheckpointSaveError
     from contrastive_jax.train.loop import EXIT_PREEMPTED, NonFiniteLossError, train
+    from contrastive_jax.train.workdir import WorkdirError
 
     try:
         summary = train(config, args.workdir)
+    except WorkdirError as e:  # a workdir in use, read-only, or holding another run: one line
+        print(f"contrastive-jax: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG_ERROR
     except NonFiniteLossError as e:
+        if getattr(e, "summary", None) is not None and jax.process_index() == 0:
+            print(json.dumps(e.summary, indent=2))  # a finished run that skipped too many steps
         print(f"contrastive-jax: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except CheckpointSaveError as e:  # helper E (issue 17.10): a full disk etc. is one line, not a traceback
+        print(f"contrastive-jax: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # orbax may still hold threads writing the failed checkpoint; exiting now, without the
+        # interpreter's teardown, avoids their noise. Everything complete is already on disk.
+        os._exit(EXIT_IO_ERROR)
     except ValueError as e:
         if str(e).startswith("invalid config") or "config." in str(e):
             print(f"contrastive-jax: {e}", file=sys.stderr)
@@ -54,5 +86,7 @@ def run(args, overrides) -> int:
     if jax.process_index() == 0:
         print(json.dumps(summary, indent=2))
         if summary.get("complete"):
-            print(f"summary written to {os.path.join(os.path.abspath(args.workdir), 'summary.json')}", file=sys.stderr)
+            from contrastive_jax import storage  # helper E: s3:// workdirs
+
+            print(f"summary written to {storage.join(storage.abspath(args.workdir), 'summary.json')}", file=sys.stderr)
     return EXIT_PREEMPTED if summary.get("preempted") else 0

@@ -1,22 +1,23 @@
 """The outer training loop: the only place with side effects (data I/O, logging, checkpoints).
 
-``train(config, workdir)`` prepares the data and tokenizer, builds everything else with
-:func:`contrastive_jax.train.build_training` (the same builder the benchmarks use), restores the
-newest GOOD checkpoint in ``workdir`` if there is one (state, EMA, RNG, step AND the data-iterator
-position; an unreadable checkpoint is set aside and the previous one used) or initializes from
+``train(config, workdir)`` takes the workdir (its lock and fingerprint:
+:mod:`contrastive_jax.train.workdir`), prepares the data and tokenizer, builds everything else
+with :func:`contrastive_jax.train.build_training` (the same builder the benchmarks use), restores
+the newest GOOD checkpoint in ``workdir`` if there is one (state, EMA, RNG, step AND the
+data-iterator position; newer unreadable ones are set aside with one warning; a checkpoint of
+another model, or none readable at all, stops the run instead) or initializes from
 ``checkpoint.init_from``, runs the jitted step, evaluates every eval interval and at the end, and
 writes ``WORKDIR/summary.json``.
 
-Stopping early, safely: SIGTERM (a preemption notice) or ``train.deadline_minutes`` makes the loop
-save a checkpoint at the current step and return ``{"complete": False, "preempted": reason}``; the
-CLI then exits with :data:`EXIT_PREEMPTED` (75) so a scheduler requeues the job, and the next run
-resumes from that step. With a fixed config and seed the resumed run ends bitwise identical to an
-uninterrupted one (CPU).
+Stopping early, safely: SIGTERM (a preemption notice), Ctrl-C or ``train.deadline_minutes`` makes
+the loop save a checkpoint at a step every process agrees on (:class:`StopRequest`) and return
+``{"complete": False, "preempted": reason}``; the CLI then exits with :data:`EXIT_PREEMPTED` (75)
+so a scheduler requeues the job, and the next run resumes from that step. With a fixed config and
+seed the resumed run ends bitwise identical to an uninterrupted one (CPU).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -31,12 +32,14 @@ import jax.numpy as jnp
 
 from contrastive_jax import data as data_lib
 from contrastive_jax import evaluate as eval_lib
+from contrastive_jax import storage
 from contrastive_jax.parallel.distributed import any_process, barrier
 from contrastive_jax.parallel.mesh import make_mesh, to_host
 from contrastive_jax.train.builder import NONFINITE_POLICIES, Training, build_training, model_config_for, validate
 from contrastive_jax.train.checkpoint import Checkpointer, load_params_from
 from contrastive_jax.train.durations import resolve_durations
 from contrastive_jax.train.flops import compiled_flops, peak_flops_per_device
+from contrastive_jax.train import workdir as workdir_lib
 from contrastive_jax.train.metrics import MetricWriter
 
 log = logging.getLogger("contrastive_jax")
@@ -65,27 +68,72 @@ def _say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-class StopRequest:
-    """SIGTERM and wall-clock deadline, agreed across processes.
+def _jax_preemption_service() -> bool:
+    """Whether JAX's preemption service runs here: a multi-process ``jax.distributed`` run with
+    ``jax_enable_preemption_service`` (the default). Its SIGTERM handler propagates the notice to
+    every process and picks the step all of them save at."""
+    if jax.process_count() == 1:
+        return False
+    try:  # (no public accessor: multihost_utils raises if the service is off, on each call)
+        from jax._src import distributed
+    except ImportError:
+        return False
+    return getattr(distributed.global_state, "preemption_sync_manager", None) is not None
 
-    The signal handler only sets a flag (it runs between bytecodes of the main thread); the loop
-    polls :meth:`poll` after each step, so the checkpoint is written from a consistent state.
+
+class StopRequest:
+    """SIGTERM, Ctrl-C (SIGINT) and the wall-clock deadline, agreed across processes.
+
+    The signal handlers only set a flag (they run between bytecodes of the main thread); the loop
+    calls :meth:`poll` after each step, so the checkpoint is written from a consistent state. A
+    second Ctrl-C ends the process at once (the default action is restored by the first).
+
+    Agreement: with several processes, every one must stop after the same step (saving is
+    collective). Where JAX's preemption service runs (:func:`_jax_preemption_service`), its own
+    SIGTERM handler is left in place and ``multihost_utils.reached_preemption_sync_point`` gives
+    that step: a local check per step, no collective (a Ctrl-C or the deadline raises SIGTERM in
+    this process to use the same path). Otherwise an all-gather of the flags every step.
     """
 
     def __init__(self, deadline_minutes: float, t_start: float):
         self.reason: str | None = None
         self._deadline = t_start + 60.0 * deadline_minutes if deadline_minutes and deadline_minutes > 0 else None
-        self._previous = None
+        self._jax_sync = _jax_preemption_service()
+        self._previous: dict = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            if not self._jax_sync:
+                self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_sigint)
 
     def _on_sigterm(self, signum, frame):
         del signum, frame
         self.reason = self.reason or "SIGTERM"
 
-    def poll(self) -> str | None:
+    def _on_sigint(self, signum, frame):
+        del signum, frame
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends the process at once
+        self.reason = self.reason or "SIGINT"
+        # os.write, not print: the handler may interrupt a print to stderr in the main thread.
+        os.write(2, b"\nCtrl-C: saving a checkpoint after this step, then stopping "
+                    b"(press Ctrl-C again to abort without saving)\n")
+        self._tell_others()
+
+    def _tell_others(self) -> None:
+        if self._jax_sync:
+            os.kill(os.getpid(), signal.SIGTERM)  # JAX's handler propagates it to every process
+
+    def poll(self, step: int) -> str | None:
+        """The reason to stop after ``step`` (every process gets the same answer), or None."""
         if self.reason is None and self._deadline is not None and time.time() >= self._deadline:
             self.reason = "deadline"
+            self._tell_others()
+        if self._jax_sync:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(int(step)):
+                self.reason = self.reason or "SIGTERM"
+                return self.reason
+            return None
         local = self.reason
         # Every process must stop at the same step (saving is collective).
         if any_process(local is not None):
@@ -93,8 +141,10 @@ class StopRequest:
         return self.reason
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+        self._previous = {}
 
 
 class NonFiniteGuard:
@@ -117,18 +167,42 @@ class NonFiniteGuard:
             what = f"loss {loss}" if not math.isfinite(loss) else f"gradient (grad_norm={gnorm})"
             if self.policy == "stop":
                 raise NonFiniteLossError(
-                    f"non-finite {what} at step {s}; the update was not applied. Last checkpoint: step "
-                    f"{self.ckpt.latest_step()} in {self.ckpt.directory} (config: {self.workdir}/config.json; "
-                    "config.train.nonfinite='skip' skips such steps instead)")
+                    f"non-finite {what} at step {s}; the update was not applied. {self.last_checkpoint()} "
+                    f"(config: {self.workdir}/config.json; config.train.nonfinite='skip' skips such steps instead)")
             log.warning("step %d skipped: non-finite %s", s, what)
             _say(f"WARNING: step {s} skipped: non-finite {what}")
         self.pending.clear()
 
+    def last_checkpoint(self) -> str:
+        """``Last checkpoint: step N in DIR`` (after any write in flight has finished), or that
+        there is none yet."""
+        self.ckpt.wait()
+        step = self.ckpt.latest_step()
+        if step is None:
+            return f"No checkpoint yet in {self.ckpt.directory}."
+        return f"Last checkpoint: step {step} in {self.ckpt.directory}."
+
+
+def _skipped_report(config: Any, state: Any, done: int, total: int, complete: bool) -> str | None:
+    """The closing line of a run that skipped non-finite steps (None if it skipped none); raises
+    :class:`NonFiniteLossError` for a completed run that skipped more than
+    ``train.max_nonfinite_fraction`` of its steps (its checkpoint and summary are written first)."""
+    skipped = int(to_host(state.nonfinite_steps))
+    if skipped == 0:
+        return None
+    limit = float(config.train.get("max_nonfinite_fraction", 0.5))
+    line = (f"{skipped} of the {done} steps done so far were skipped (non-finite loss or gradient, "
+            "config.train.nonfinite='skip'; train/finite in metrics.jsonl says which)")
+    if complete and skipped > limit * total:
+        raise NonFiniteLossError(f"{line}: more than config.train.max_nonfinite_fraction={limit:g} of the run, so the "
+                                 "model has most likely diverged (a lower config.optim.lr?); its checkpoint and "
+                                 "summary.json are written")
+    return line
+
 
 def _write_json(path: str, payload: Any) -> None:
     if jax.process_index() == 0:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2)
+        storage.write_json(path, payload)  # helper E: atomic, local or s3:// / gs://
 
 
 def _prepare_data(config: Any) -> int:
@@ -158,40 +232,114 @@ class _Run:
     t_start: float
 
 
-def _start(config: Any, workdir: str, t_start: float) -> _Run:
+def _start(config: Any, workdir: str, mesh, t_start: float) -> _Run:
     """Data, tokenizer, the built training and its state (restored, initialized from
-    ``checkpoint.init_from``, or fresh)."""
-    mesh = make_mesh(config.mesh)
-    validate(config, mesh)  # before the dataset is generated: a bad config costs nothing
+    ``checkpoint.init_from``, or fresh). Nothing of an earlier run in ``workdir`` is overwritten
+    before it is known to be this run's (:mod:`contrastive_jax.train.workdir`)."""
     durations = resolve_durations(config, _prepare_data(config))
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as fh:
-            fh.write(config.to_json_best_effort(indent=2))
     # The tokenizer is stored with the run so evaluation and later loading tokenize exactly as
-    # training did.
+    # training did; one that differs from the stored one means another run.
     tokenizer = data_lib.build_tokenizer(config.data)
-    if jax.process_index() == 0:
-        tokenizer.save(os.path.join(workdir, "tokenizer.json"))
+    _on_process_0(config, workdir, lambda: workdir_lib.check_tokenizer(workdir, tokenizer))
     train_iter = data_lib.make_train_iterator(config.data, tokenizer=tokenizer,
                                               global_batch_size=int(config.train.batch_size),
                                               seed=int(config.data.shuffle_seed))
     training = build_training(config, mesh, tokenizer=tokenizer, durations=durations)
     evaluator = eval_lib.EvalRunner(config, training.model, mesh, training.batch_axes, training.shardings.params,
                                     tokenizer, default_every_steps=durations.eval_every)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=durations.checkpoint_every,
-                        keep=config.checkpoint.keep, async_save=bool(config.checkpoint.async_save))
+
+    def open_checkpoints():
+        return Checkpointer(storage.join(workdir, "checkpoints"), every_steps=durations.checkpoint_every,
+                            keep=config.checkpoint.keep, async_save=bool(config.checkpoint.async_save))
+
+    ckpt = open_checkpoints()
     state = training.init_state()
+    try:
+        restored = workdir_lib.resume(ckpt, workdir, state, training.shardings)
+    except workdir_lib.UnresumableError as e:
+        ckpt.close()
+        _start_over_or_raise(config, workdir, e)
+        ckpt, restored = open_checkpoints(), None
     resumed_from = None
-    restored = ckpt.restore_latest_good(state, training.shardings) if ckpt.all_steps() else None
     if restored is not None:
         resumed_from, state, data_state = restored
         train_iter.set_state(data_state)
-        log.warning("resumed from checkpoint at step %d in %s", resumed_from, ckpt.directory)
+        log.info("resumed from checkpoint at step %d in %s", resumed_from, ckpt.directory)
         _say(f"Resuming from step {resumed_from} ({ckpt.directory})")
     elif config.checkpoint.init_from:
         state = _init_from(config, state, training)
+    if jax.process_index() == 0:
+        # Now known to be this run's: the config as run (training-only fields may differ from the
+        # previous invocation's), the tokenizer, and the fingerprint (kept once written).
+        storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))  # helper E
+        with storage.writing_locally(storage.join(workdir, "tokenizer.json")) as path:  # helper E: s3:// too
+            tokenizer.save(path)
+        workdir_lib.write_fingerprint(workdir, config)
     return _Run(config, workdir, training, state, train_iter, evaluator, ckpt,
                 MetricWriter(workdir, tensorboard=bool(config.log.tensorboard)), resumed_from, t_start)
+
+
+def _on_process_0(config: Any, workdir: str, fn) -> None:
+    """Runs ``fn()`` on process 0; its WorkdirError is agreed by every process: raised
+    everywhere or, for an UnresumableError under ``checkpoint.on_mismatch='restart'``, the
+    earlier run is moved aside instead."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            fn()
+        except workdir_lib.WorkdirError as e:
+            error = e
+    if not any_process(error is not None):
+        return
+    # Only process 0 knows the error: its kind is agreed too.
+    if any_process(isinstance(error, workdir_lib.UnresumableError)):
+        _start_over_or_raise(config, workdir, error)
+        return
+    raise error or workdir_lib.WorkdirError(f"workdir {workdir}: process 0 refused it (its message says why)")
+
+
+def _start_over_or_raise(config: Any, workdir: str, error: Exception | None) -> None:
+    """Under ``checkpoint.on_mismatch='restart'``: moves the earlier run aside (process 0) and
+    says where; otherwise raises ``error``."""
+    if config.checkpoint.on_mismatch != "restart":
+        raise error or workdir_lib.WorkdirError(f"workdir {workdir}: process 0 refused it (its message says why)")
+    barrier("start-over-begin")
+    if jax.process_index() == 0:
+        moved = workdir_lib.move_run_aside(workdir)
+        if moved:
+            _say(f"checkpoint.on_mismatch=restart: the earlier run in {workdir} could not continue with this "
+                 f"config; it was moved to {moved}; starting at step 0")
+    barrier("start-over-done")
+
+
+def _claim_workdir(config: Any, workdir: str) -> workdir_lib.WorkdirLock | None:
+    """Creates the workdir, takes its lock and checks its fingerprint (process 0; the outcome is
+    agreed by every process). Cheap: runs before the dataset, the model or any compilation.
+
+    Raises:
+      WorkdirError: not writable, another live trainer holds it, or it holds a run of another
+        model/dataset (unless ``checkpoint.on_mismatch='restart'``: that run is moved aside).
+    """
+    lock = workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0 else None
+    held = []
+
+    def claim():
+        try:
+            storage.makedirs(workdir)
+        except OSError as e:
+            raise workdir_lib.WorkdirError(f"cannot create the workdir {workdir} ({e.strerror or e}): choose a "
+                                           "writable --workdir") from None
+        lock.acquire()
+        held.append(lock)
+        workdir_lib.check_fingerprint(workdir, config)
+
+    try:
+        _on_process_0(config, workdir, claim)
+    except BaseException:
+        if held:
+            lock.release()
+        raise
+    return lock if held else None
 
 
 def _init_from(config: Any, state, training: Training):
@@ -273,10 +421,11 @@ def _run_steps(run: _Run, stop: StopRequest, stop_at: int) -> tuple[int, str | N
             if done != total and run.evaluator.due(done):
                 _evaluate(run.evaluator, run.state, run.writer, done, step=done)
                 rate.reset()
-            preempted = stop.poll()
+            preempted = stop.poll(done)
             if preempted or ckpt.should_save(done) or done == stop_at:
                 guard.check()  # a non-finite step under policy 'stop' must not be followed by a save
                 ckpt.save(done, run.state, run.train_iter.get_state(), force=True)
+                run.writer.flush()  # helper E: a remote metrics.jsonl is rewritten with each checkpoint
             if preempted:
                 return done, preempted
         guard.check()
@@ -298,15 +447,31 @@ def train(config: Any, workdir: str) -> dict:
 
     Raises:
       NonFiniteLossError: policy ``stop`` and a NaN/inf loss or gradient (the message names the
-        step and the metric).
+        step, the metric and the last checkpoint), or policy ``skip`` and a completed run that
+        skipped more than ``train.max_nonfinite_fraction`` of its steps (``.summary`` holds the
+        written summary).
+      WorkdirError: the workdir is not writable or another live trainer holds it;
+        ``UnresumableError`` (a subclass): it holds a run of another model/dataset/tokenizer, or no
+        readable checkpoint (unless ``checkpoint.on_mismatch='restart'``). One line each.
       ValueError: a config that cannot run (the message names the fields).
     """
     t_start = time.time()
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.abspath(workdir)  # helper E: local paths as before; s3:// / gs:// URLs kept
+    mesh = make_mesh(config.mesh)
+    validate(config, mesh)  # before the workdir is touched or data generated: a bad config costs nothing
+    lock = _claim_workdir(config, workdir)
+    try:
+        return _train_locked(config, workdir, mesh, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(config: Any, workdir: str, mesh, t_start: float) -> dict:
+    """:func:`train` once the workdir is this trainer's."""
     stop = StopRequest(float(config.train.deadline_minutes), t_start)
     try:
-        run = _start(config, workdir, t_start)
+        run = _start(config, workdir, mesh, t_start)
         total = run.training.durations.total
         stop_at = total
         if int(config.train.max_steps_per_run) > 0:
@@ -319,6 +484,9 @@ def train(config: Any, workdir: str) -> dict:
         run.ckpt.close()
         result = {"complete": False, "stopped_at_step": stopped_at, "resumed_from_step": run.resumed_from,
                   "wall_time_s": time.time() - t_start}
+        skipped = _skipped_report(run.config, run.state, stopped_at, total, complete=False)
+        if skipped:
+            _say(f"WARNING: {skipped}")
         if preempted:
             result["preempted"] = preempted
             _say(f"Stopped at step {stopped_at} ({preempted}); checkpoint saved, re-run to resume")
@@ -350,7 +518,14 @@ def _finish(run: _Run) -> dict:
     }
     if state.ema_params is not None:
         summary["eval_ema"] = {k[len("ema/"):]: float(v) for k, v in results.items() if k.startswith("ema/")}
-    _write_json(os.path.join(run.workdir, "summary.json"), summary)
+    _write_json(storage.join(run.workdir, "summary.json"), summary)
+    try:
+        skipped = _skipped_report(config, state, total, total, complete=True)
+    except NonFiniteLossError as e:
+        e.summary = summary
+        raise
+    if skipped:
+        _say(f"WARNING: {skipped}")
     return summary
 
 

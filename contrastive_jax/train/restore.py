@@ -24,6 +24,7 @@ from contrastive_jax.parallel.mesh import make_mesh
 from contrastive_jax.train.builder import build_model
 from contrastive_jax.train.checkpoint import step_dirs
 from contrastive_jax.train.config import default_config, merge
+from contrastive_jax.train.workdir import quiet_failed_reads
 
 
 def load_config_json(workdir: str) -> ml_collections.ConfigDict:
@@ -66,7 +67,7 @@ def restore_params(workdir: str, abstract_params: Any, shardings: Any, *, step: 
     for s in steps:
         path = os.path.join(checkpoints, str(s), "state")
         try:
-            with ocp.PyTreeCheckpointer() as reader:
+            with quiet_failed_reads(), ocp.PyTreeCheckpointer() as reader:  # one error, not ~100 tracebacks
                 restored = reader.restore(path, args=args)
             return s, restored[key]
         except Exception as e:  # noqa: BLE001 - any failure means "try the previous checkpoint"
