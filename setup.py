@@ -32,6 +32,7 @@ setup(
         "psutil>=5.9",
         "matplotlib>=3.8",  # the PNG report (evaluate/report.py)
         "sentencepiece>=0.2.0",  # SentencePiece tokenizers (training and loading .model files)
+        "pyarrow>=14.0",  # Parquet shards as streamed sources (also required by tensorflow-datasets)
         "safetensors>=0.4.1",  # .safetensors checkpoints without PyTorch (interop); bf16 via numpy since 0.4.1
     ],
     extras_require={

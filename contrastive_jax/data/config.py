@@ -107,6 +107,19 @@ def defaults() -> ml_collections.ConfigDict:
     c.augment = augment_defaults()
     c.tokenizer = tokenizer_defaults()
 
+    # Streaming shards instead of a prepared dataset (docs/data.md): with name='sources', a list of
+    # {path, format, weight, name, image_key, text_key, filters}; path = a glob, a brace range
+    # ('shard-{00000..41454}.tar') or a list, local or s3:// / gs://; format 'webdataset' |
+    # 'parquet' | 'array_record'; filters e.g. ['json.similarity >= 0.28'] (before decoding).
+    c.sources = ()
+    c.eval_sources = ()  # same form (weights unused): the evaluation split, read whole in order
+    # Lanes of the stream (0 = one per host): fixed lanes give the same global batches on any number
+    # of hosts dividing them; each lane reads shards [lane::lanes] of every source.
+    c.stream_lanes = 0
+    c.shuffle_buffer = 1000  # records per (lane, source) shuffled together (a window, exactly resumable)
+    c.resample = False  # draw shards with replacement, no epochs (open_clip's --dataset-resampled)
+    c.stream_examples = -1  # size of the streamed training set for *_epochs; -1 = count / estimate
+
     # Records that fail (undecodable image, empty caption) are replaced by the next good record
     # and counted; more than this fraction of failures stops the run with an error.
     c.max_bad_fraction = 0.05

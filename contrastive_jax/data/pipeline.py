@@ -306,6 +306,10 @@ def make_train_iterator(
 ) -> TrainIterator:
     """Infinite, shuffled iterator over ``data_config.train_split`` for THIS host.
 
+    With ``data_config.name == 'sources'`` the examples stream from ``data_config.sources``
+    (WebDataset / Parquet / ArrayRecord shards, local or remote) instead: see
+    :func:`contrastive_jax.data.streaming.make_stream_iterator`; same batches and interface.
+
     Args:
       data_config: ``config.data`` (``name``, ``train_split``, ``worker_count``, ``read_threads``,
         ``prefetch_batches``, ``mean``, ``std``, ``num_views``, ``augment``, ``caption_policy``,
@@ -338,6 +342,14 @@ def make_train_iterator(
     host_batch = global_batch_size // process_count
     data_config = complete(data_config)
     seed = data_config.shuffle_seed if seed is None else seed
+    if str(data_config.name) == "sources":
+        from contrastive_jax.data.streaming import make_stream_iterator
+
+        return make_stream_iterator(data_config, tokenizer=tokenizer, global_batch_size=global_batch_size,
+                                    seed=int(seed), process_index=process_index, process_count=process_count)
+    if data_config.sources:
+        raise ValueError(f"config.data.sources is set but config.data.name={data_config.name!r}: set "
+                         "config.data.name='sources' to train on the streamed shards (or clear sources)")
     entry = resolve_dataset(data_config)
     splits = build_dataset(data_config)
     if data_config.train_split not in splits:
@@ -390,8 +402,10 @@ def load_eval_arrays(
     entry = resolve_dataset(data_config)
     splits = build_dataset(data_config)
     if split not in splits:
+        hint = ("config.data.eval_sources (the evaluation shards)" if str(data_config.name) == "sources"
+                else "config.data.eval_split")
         raise ValueError(f"split {split!r} is not a split of dataset {data_config.name!r} "
-                         f"(splits: {', '.join(sorted(splits))}); set config.data.eval_split")
+                         f"(splits: {', '.join(sorted(splits))}); set {hint}")
     source = splits[split]
     n = len(source) if max_examples is None or max_examples < 0 else min(max_examples, len(source))
     processor = ExampleProcessor(entry, tokenizer, data_config, train=False)

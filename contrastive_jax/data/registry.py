@@ -196,6 +196,10 @@ def resolve_dataset(data_config) -> DatasetEntry:
       ValueError naming ``config.data.name`` when it is neither.
     """
     name = str(data_config.name)
+    if name == "sources":  # helper F (issue 18): config.data.sources, streamed shards
+        from contrastive_jax.data.streaming import stream_entry
+
+        return stream_entry(data_config)
     if name in _DATASETS:
         return _DATASETS[name]
     from contrastive_jax.data.config import complete

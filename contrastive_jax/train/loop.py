@@ -410,7 +410,9 @@ def _run_steps(run: _Run, stop: StopRequest, stop_at: int) -> tuple[int, str | N
                 host = {k: float(v) for k, v in to_host(metrics).items()}
                 host.update(rate.metrics(done))
                 if hasattr(run.train_iter, "stats"):
-                    host.update({f"data/{k}": v for k, v in run.train_iter.stats().items()})
+                    # The iterators name their counters `data/...` already (train/data/skipped, ...).
+                    host.update({k if k.startswith("data/") else f"data/{k}": v
+                                 for k, v in run.train_iter.stats().items()})
                 run.writer.write(done, {f"train/{k}": v for k, v in host.items()})
                 if pbar is not None:
                     pbar.set_postfix(loss=f"{host['loss']:.4f}", ex_s=f"{host['examples_per_sec']:.0f}", refresh=False)

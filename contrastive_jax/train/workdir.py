@@ -54,9 +54,12 @@ ON_MISMATCH = ("error", "restart")
 # (Optimizer-state layout changes, e.g. optim.freeze or optim.ema_decay, are caught by comparing
 # the checkpoint's arrays with the model's instead: describe_state_mismatch.)
 FINGERPRINT_FIELDS = ("model", "loss.name", "data.name", "data.image_size", "data.max_text_len", "data.tokenizer",
-                      "data.num_train", "data.dataset_seed")
+                      "data.num_train", "data.dataset_seed", "data.sources", "data.stream_lanes", "data.shuffle_buffer",
+                      "data.resample")
 # Fields that say which data only for the built-in generated dataset (elsewhere they are unused).
 _SHAPES_ONLY = ("data.num_train", "data.dataset_seed")
+# Fields that say which data only for streamed sources (data.name == 'sources').
+_SOURCES_ONLY = ("data.sources", "data.stream_lanes", "data.shuffle_buffer", "data.resample")
 
 # What a run writes at the workdir's top level (moved aside together by move_run_aside).
 RUN_FILES = ("checkpoints", "checkpoints_corrupt", "config.json", "tokenizer.json", "metrics.jsonl", "summary.json",
@@ -280,9 +283,10 @@ def fingerprint(config: Any) -> dict[str, Any]:
             node = node[part]
         if found:
             _flatten(name, node, out)
-    if out.get("data.name", "shapes") != "shapes":
-        for name in _SHAPES_ONLY:
-            out.pop(name, None)
+    for only, dataset in ((_SHAPES_ONLY, "shapes"), (_SOURCES_ONLY, "sources")):
+        if out.get("data.name", "shapes") != dataset:
+            for name in only:
+                out.pop(name, None)
     return out
 
 
