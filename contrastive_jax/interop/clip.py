@@ -394,9 +394,11 @@ def run_config(model: Mapping[str, Any], *, vocab_path: str | None = None,
     image_size, logit_bias = model.pop("image_size"), model.pop("logit_bias")
     pre = dict((open_clip_config or {}).get("preprocess_cfg", {}) or {})
     c = ml_collections.ConfigDict()
+    # float32 compute: a converted model gives the original's embeddings on any platform (the
+    # default 'auto' would compute in bf16 on a GPU); fine-tuning may override model.dtype.
     c.model = dict(
         model, name="two_tower", head="linear", head_bias=False, max_scale=100.0,
-        scale_init=math.log(1 / 0.07), bias_init=-10.0 if logit_bias else 0.0)
+        scale_init=math.log(1 / 0.07), bias_init=-10.0 if logit_bias else 0.0, dtype="float32")
     vocab = int(model["text"]["vocab_size"])
     c.data = dict(
         image_size=int(image_size), max_text_len=int(model["text"]["context_length"]),

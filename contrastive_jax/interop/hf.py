@@ -368,7 +368,8 @@ def hf_run_config(model: Mapping, image_size: int, kind: str, log_scale: float, 
     # transformers does not clamp the logit scale: the cap only has to lie above it.
     scale = math.exp(log_scale)
     c.model = dict(model, max_scale=100.0 if scale <= 100.0 else 2.0 * scale, scale_init=math.log(1 / 0.07)
-                   if kind == "clip" else math.log(10.0), bias_init=0.0 if kind == "clip" else -10.0)
+                   if kind == "clip" else math.log(10.0), bias_init=0.0 if kind == "clip" else -10.0,
+                   dtype="float32")  # the original's embeddings on any platform (see interop.clip.run_config)
     c.data = dict(image_size=int(image_size), max_text_len=int(model["text"]["context_length"]), mean=tuple(mean),
                   std=tuple(std), tokenizer=dict(kind="auto", path="", lowercase=False, clean="none", add_eos=True))
     c.loss = dict(name="softmax" if kind == "clip" else "sigmoid")

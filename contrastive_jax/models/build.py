@@ -39,7 +39,11 @@ from contrastive_jax.models.towers import NTower, TwoTower, make_head
 TowerBuilder = Callable[[Any, Any], nn.Module]
 ModelBuilder = Callable[[Any, Any], nn.Module]
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# model.dtype names -> compute dtypes; 'auto' (None here) is resolved per backend by resolve_dtype.
+DTYPES = {"auto": None, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Backends on which 'auto' computes in bfloat16: their matrix units run bf16 at several times
+# the float32 rate. CPUs do not (and XLA:CPU emulates bf16 matmuls), so they stay in float32.
+_BF16_BACKENDS = ("gpu", "cuda", "rocm", "tpu")
 
 # Keys of a tower entry that are not encoder fields.
 _TOWER_KEYS = ("encoder", "head", "head_hidden", "head_act", "head_bias", "input_shape", "input_dtype")
@@ -138,10 +142,23 @@ def _lookup(registry: dict, name: str, field: str):
     return registry[name]
 
 
+def resolve_dtype(name: str, platform: str | None = None, field: str = "model.dtype"):
+    """The compute dtype named by ``model.dtype``: ``'float32'`` / ``'bfloat16'`` as named;
+    ``'auto'``: bfloat16 on GPU/TPU, float32 on CPU (``platform``: default ``jax.default_backend()``).
+
+    This is the mixed-precision policy: only activations and matmul inputs take this dtype;
+    params (and so the optimizer state) stay float32 (see models/layers.py).
+    """
+    if name not in DTYPES:
+        raise ValueError(f"unknown {field} {name!r}; known: {', '.join(DTYPES)}")
+    if name != "auto":
+        return DTYPES[name]
+    platform = platform or jax.default_backend()
+    return jnp.bfloat16 if platform in _BF16_BACKENDS else jnp.float32
+
+
 def _dtype(model_config, field: str = "model.dtype"):
-    if model_config.dtype not in DTYPES:
-        raise ValueError(f"unknown {field} {model_config.dtype!r}; known: {', '.join(DTYPES)}")
-    return DTYPES[model_config.dtype]
+    return resolve_dtype(model_config.dtype, field=field)
 
 
 def _with_prefix(prefix: str, builder, cfg, dtype):

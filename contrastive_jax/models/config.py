@@ -55,7 +55,7 @@ from contrastive_jax.models import generic
 from contrastive_jax.models import text as text_lib
 from contrastive_jax.models import vit as vit_lib
 from contrastive_jax.models.generic import MlpEncoder, SignalTransformer
-from contrastive_jax.models.layers import ACTIVATIONS, REMAT_POLICIES
+from contrastive_jax.models.layers import ACTIVATIONS, ATTENTION_IMPLS, REMAT_POLICIES
 from contrastive_jax.models.resnet import RESNET_DEPTHS, ResNet
 from contrastive_jax.models.schema import ModuleSchema
 from contrastive_jax.models.text import TextTransformer
@@ -64,6 +64,8 @@ from contrastive_jax.models.vit import VisionTransformer
 
 # Enumerated fields shared by the transformer towers.
 _BLOCK_CHOICES = dict(act=tuple(ACTIVATIONS), remat=REMAT_POLICIES)
+# The image and text towers also choose their attention implementation (models/layers.py).
+_TOWER_CHOICES = dict(_BLOCK_CHOICES, attention_impl=ATTENTION_IMPLS)
 # The model-level head fields, read by every built-in model kind.
 HEAD_CHOICES = dict(head=HEAD_TYPES, head_act=tuple(ACTIVATIONS))
 
@@ -74,13 +76,13 @@ TWO_TOWER = ModuleSchema(TwoTower, required=dict(embed_dim=128),
 VIT = ModuleSchema(
     VisionTransformer,
     required=dict(patch_size=8, width=128, depth=4, num_heads=4, mlp_dim=512),
-    choices=dict(pool=vit_lib.POOL_TYPES, posemb=vit_lib.POSEMB_TYPES, stem=vit_lib.STEM_TYPES, **_BLOCK_CHOICES),
+    choices=dict(pool=vit_lib.POOL_TYPES, posemb=vit_lib.POSEMB_TYPES, stem=vit_lib.STEM_TYPES, **_TOWER_CHOICES),
 )
 TEXT = ModuleSchema(
     TextTransformer,
     # vocab_size -1: resolved from the tokenizer by the trainer before the model is built.
     required=dict(vocab_size=-1, width=128, depth=2, num_heads=4, mlp_dim=512),
-    choices=dict(pool=text_lib.POOL_TYPES, **_BLOCK_CHOICES),
+    choices=dict(pool=text_lib.POOL_TYPES, **_TOWER_CHOICES),
     checks=dict(vocab_size=(lambda v: v > 0, "set it (or resolve -1 from the tokenizer's vocabulary size) "
                                              "before building the model")),
 )
@@ -112,7 +114,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.name = "two_tower"  # a key of models.MODELS: two_tower | n_tower | distill | multiview | slip
     for key, value in TWO_TOWER.defaults().items():
         c[key] = value
-    c.dtype = "float32"  # compute dtype ('float32' | 'bfloat16'); params and outputs stay float32
+    # The mixed-precision policy, in one place: the compute dtype of every tower and head
+    # ('auto' | 'float32' | 'bfloat16'). 'auto' is bfloat16 on GPU/TPU and float32 on CPU
+    # (models.build.resolve_dtype). Params, optimizer state, embeddings, logits of the loss,
+    # LayerNorm statistics and attention softmax stay float32 whatever it is.
+    c.dtype = "auto"
     # Matryoshka prefixes (Kusupati et al.): nested leading-dim sizes of the embedding that are
     # trained and evaluated as embeddings of their own (each re-normalized). () = none. Read by the
     # loss (config.loss) and by evaluation.

@@ -18,8 +18,14 @@ e.g. FSDP can shard the ``embed`` dim of weights without sharding that dim of ac
 ``nn.logical_axis_rules`` context with a mesh set these constraints are no-ops.
 
 Parameters are always float32; ``dtype`` is the compute dtype (activations and matmul inputs).
-LayerNorm statistics and attention softmax are computed in float32 regardless (bf16 is too
+LayerNorm statistics and attention logits/softmax are computed in float32 regardless (bf16 is too
 coarse for them).
+
+Attention (``attention_impl``, see :data:`ATTENTION_IMPLS` and :func:`resolve_attention_impl`):
+``'einsum'`` is the hand-written reference (two einsums and a float32 softmax); ``'xla'`` and
+``'cudnn'`` call :func:`jax.nn.dot_product_attention` (XLA's fused pattern, or cuDNN's flash
+attention kernel on NVIDIA GPUs); ``'auto'`` picks cuDNN where it supports the call and XLA
+elsewhere. All of them compute the same function (tested in tests/models/test_attention_impl.py).
 """
 from __future__ import annotations
 
@@ -47,6 +53,11 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
 }
 
+# Attention implementations (the ``attention_impl`` field of the towers): see the module docstring.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
+# Compute dtypes cuDNN's flash attention takes (float32 it does not).
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
 # remat policy names -> jax.checkpoint policies (None = save nothing, recompute the whole block).
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 
@@ -55,6 +66,35 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+def resolve_attention_impl(impl: str, dtype: Dtype, head_dim: int, platform: str | None = None) -> str:
+    """The implementation ``impl`` runs as: ``'einsum'`` | ``'xla'`` | ``'cudnn'``.
+
+    ``'auto'`` is ``'cudnn'`` when the default backend (or ``platform``) is a GPU, the compute
+    ``dtype`` is bfloat16/float16 and ``head_dim`` is a multiple of 8 up to 128 (what cuDNN's
+    flash attention supports on every GPU generation), else ``'xla'`` (CPU, TPU, float32).
+    Explicit ``'cudnn'`` is checked the same way, so an unsupported choice fails at trace time
+    with a message naming the field instead of deep inside cuDNN.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r}; known: {', '.join(ATTENTION_IMPLS)}")
+    if impl in ("einsum", "xla"):
+        return impl
+    platform = platform or jax.default_backend()
+    problems = []
+    if platform not in ("gpu", "cuda"):
+        problems.append(f"it needs an NVIDIA GPU (backend is {platform!r})")
+    if jnp.dtype(dtype) not in _CUDNN_DTYPES:
+        problems.append(f"it needs model.dtype bfloat16 or float16 (compute dtype is {jnp.dtype(dtype).name})")
+    if head_dim % 8 or head_dim > 128:
+        problems.append(f"it needs a head dim that is a multiple of 8 up to 128 (got {head_dim})")
+    if impl == "auto":
+        return "xla" if problems else "cudnn"
+    if problems:
+        raise ValueError(f"attention_impl='cudnn' is not possible here: {'; '.join(problems)}; "
+                         "use 'auto' or 'xla'")
+    return "cudnn"
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
@@ -145,12 +185,27 @@ class MultiHeadAttention(nn.Module):
     """Multi-head attention (self-attention, or cross-attention when ``kv`` is given).
 
     Args (call): x ``[B, Lq, W]`` queries; kv ``[B, Lk, W]`` keys/values (default: ``x``); mask
-    bool broadcastable to ``[B, heads, Lq, Lk]`` (True = query may attend to key) or None.
+    bool broadcastable to ``[B, heads, Lq, Lk]`` (True = query may attend to key) or None; the
+    towers pass a key-padding mask ``[B, 1, 1, Lk]``, the only form ``'cudnn'`` takes.
     Returns ``[B, Lq, W]`` in ``dtype``. Params: ``query``/``key``/``value`` kernels
     ``[W, heads, head_dim]`` + biases, ``out`` kernel ``[heads, head_dim, W]`` + bias.
+
+    Attributes:
+      num_heads: heads (divide ``W``).
+      causal: query ``i`` attends only to keys ``j <= i`` (on top of ``mask``).
+      attention_impl: ``'auto'`` | ``'xla'`` | ``'cudnn'`` | ``'einsum'`` (module docstring).
+        With ``'cudnn'`` the key mask is passed as per-example key lengths, which is exact when
+        the valid keys are a prefix of the sequence (padding at the end, as every tokenizer
+        here writes it); an example with no valid key attends to its first key.
+      dtype: compute dtype; logits and softmax are float32 in every implementation.
+
+    A query row whose keys are all masked gets a uniform softmax (not NaN) in ``'einsum'`` and
+    ``'xla'``: both mask with a finite large negative logit.
     """
 
     num_heads: int
+    causal: bool = False
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -160,6 +215,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
         head_dim = width // self.num_heads
         kv = x if kv is None else kv
+        impl = resolve_attention_impl(self.attention_impl, self.dtype, head_dim)
 
         def heads_proj(name, inp):
             y = DenseGeneral(
@@ -169,18 +225,54 @@ class MultiHeadAttention(nn.Module):
             return constrain(y, ("batch", "act_length", "act_heads", "act_kv"))
 
         q, k, v = heads_proj("query", x), heads_proj("key", kv), heads_proj("value", kv)  # [B, L, H, Dh]
-        q = q * jnp.asarray(head_dim**-0.5, self.dtype)
-        # Logits and softmax in float32: bf16 logits lose the small differences softmax amplifies.
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        if mask is not None:
-            logits = jnp.where(mask, logits, _MASK_VALUE)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        out = constrain(out, ("batch", "act_length", "act_heads", "act_kv"))
+        if impl == "einsum":
+            out = _einsum_attention(q, k, v, mask, self.causal, self.dtype)
+        elif impl == "xla":
+            # Same masking as the einsum path (a finite large negative logit where mask is False)
+            # and the same scaling (q scaled in the compute dtype, the kernel's scale 1), so that
+            # bf16 results round as the reference's do rather than differently.
+            q = q * jnp.asarray(head_dim**-0.5, self.dtype)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, scale=1.0,
+                                               implementation="xla")
+        else:
+            out = _cudnn_attention(q, k, v, mask, self.causal, head_dim)
+        out = constrain(out.astype(self.dtype), ("batch", "act_length", "act_heads", "act_kv"))
         return DenseGeneral(
             (width,), ("heads", "kv", "embed"), ("embed",), num_in_dims=2, dtype=self.dtype,
             name="out",
         )(out)
+
+
+def _einsum_attention(q, k, v, mask, causal: bool, dtype) -> jax.Array:
+    """Reference attention: q/k/v ``[B, L, H, Dh]`` -> ``[B, Lq, H, Dh]`` in ``dtype``."""
+    head_dim = q.shape[-1]
+    q = q * jnp.asarray(head_dim**-0.5, dtype)
+    # Logits and softmax in float32: bf16 logits lose the small differences softmax amplifies.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if causal:
+        tril = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), dtype=bool))[None, None]
+        mask = tril if mask is None else mask & tril
+    if mask is not None:
+        logits = jnp.where(mask, logits, _MASK_VALUE)
+    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def _cudnn_attention(q, k, v, mask, causal: bool, head_dim: int) -> jax.Array:
+    """cuDNN flash attention; a key-padding mask ``[B, 1, 1, Lk]`` becomes key lengths ``[B]``.
+
+    cuDNN would turn a dense mask into an additive bias (slower, and it needs even lengths in
+    training), so only key-padding masks are taken, as lengths (see MultiHeadAttention).
+    """
+    lengths = None
+    if mask is not None:
+        if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
+            raise ValueError(f"attention_impl='cudnn' takes a key-padding mask [B, 1, 1, Lk], got {mask.shape}")
+        mask = jnp.broadcast_to(mask, (k.shape[0], 1, 1, k.shape[1]))
+        # At least one key, so that an all-padding example stays finite.
+        lengths = jnp.maximum(jnp.sum(mask[:, 0, 0, :], axis=-1), 1).astype(jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=lengths,
+                                        scale=head_dim**-0.5, implementation="cudnn")
 
 
 class MlpBlock(nn.Module):
@@ -201,19 +293,25 @@ class MlpBlock(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    """Pre-norm transformer block: ``x + MHA(LN(x))`` then ``x + MLP(LN(x))``."""
+    """Pre-norm transformer block: ``x + MHA(LN(x))`` then ``x + MLP(LN(x))``.
+
+    ``causal`` / ``attention_impl``: as :class:`MultiHeadAttention`'s.
+    """
 
     num_heads: int
     mlp_dim: int
     act: str = "gelu"
     dtype: Dtype = jnp.float32
     norm_eps: float = 1e-6
+    causal: bool = False
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         x = constrain(x, ("batch", "act_length", "act_embed"))
         h = LayerNorm(dtype=self.dtype, epsilon=self.norm_eps, name="norm_attn")(x)
-        x = x + MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(h, mask)
+        x = x + MultiHeadAttention(self.num_heads, self.causal, self.attention_impl, dtype=self.dtype,
+                                   name="attn")(h, mask)
         h = LayerNorm(dtype=self.dtype, epsilon=self.norm_eps, name="norm_mlp")(x)
         x = x + MlpBlock(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(h)
         return constrain(x, ("batch", "act_length", "act_embed"))
@@ -228,12 +326,14 @@ class _ScanBlock(nn.Module):
     dtype: Dtype
     remat: str
     norm_eps: float = 1e-6
+    causal: bool = False
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, mask):
         block = _maybe_remat(EncoderBlock, self.remat, scanned=True)
         return block(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, norm_eps=self.norm_eps,
-                     name="block")(x, mask), None
+                     causal=self.causal, attention_impl=self.attention_impl, name="block")(x, mask), None
 
 
 def _maybe_remat(cls, policy: str, scanned: bool = False):
@@ -261,6 +361,8 @@ class Encoder(nn.Module):
     'dots_saveable') recomputes each block's activations in the backward pass instead of storing
     them ('dots_saveable' keeps matmul outputs, recomputes the cheap elementwise work).
     ``norm_eps``: every LayerNorm's epsilon (1e-6 as big_vision; PyTorch/OpenAI CLIP use 1e-5).
+    ``mask``: key-padding mask ``[B, 1, 1, L]`` bool or None; ``causal``: causal self-attention;
+    ``attention_impl``: see :class:`MultiHeadAttention`.
     """
 
     depth: int
@@ -271,6 +373,8 @@ class Encoder(nn.Module):
     scan: bool = False
     dtype: Dtype = jnp.float32
     norm_eps: float = 1e-6
+    causal: bool = False
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -285,12 +389,12 @@ class Encoder(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, _ = scanned(self.num_heads, self.mlp_dim, self.act, self.dtype, self.remat, self.norm_eps,
-                           name="blocks")(x, mask)
+                           self.causal, self.attention_impl, name="blocks")(x, mask)
         else:
             block = _maybe_remat(EncoderBlock, self.remat)
             for i in range(self.depth):
                 x = block(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, norm_eps=self.norm_eps,
-                          name=f"block_{i}")(x, mask)
+                          causal=self.causal, attention_impl=self.attention_impl, name=f"block_{i}")(x, mask)
         return LayerNorm(dtype=self.dtype, epsilon=self.norm_eps, name="norm")(x)
 
 
@@ -300,6 +404,7 @@ class MAPHead(nn.Module):
     Reference: Set Transformer's PMA (Lee et al. 2019), used as the ``map`` head of big_vision's
     ViT and SigLIP (Zhai et al. 2023). x ``[B, L, W]`` (mask ``[B, 1, 1, L]`` bool or None) ->
     ``[B, W]`` in ``dtype``. Params: ``probe [1, 1, W]``, ``attn/...``, ``norm/...``, ``mlp/...``.
+    ``attention_impl``: see :class:`MultiHeadAttention`.
     """
 
     num_heads: int
@@ -307,6 +412,7 @@ class MAPHead(nn.Module):
     act: str = "gelu"
     dtype: Dtype = jnp.float32
     norm_eps: float = 1e-6
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -316,7 +422,8 @@ class MAPHead(nn.Module):
             (1, 1, w), jnp.float32,
         )
         q = jnp.broadcast_to(probe.astype(self.dtype), (b, 1, w))
-        x = MultiHeadAttention(self.num_heads, dtype=self.dtype, name="attn")(q, mask, kv=x)
+        x = MultiHeadAttention(self.num_heads, attention_impl=self.attention_impl, dtype=self.dtype,
+                               name="attn")(q, mask, kv=x)
         y = LayerNorm(dtype=self.dtype, epsilon=self.norm_eps, name="norm")(x)
         x = x + MlpBlock(self.mlp_dim, self.act, dtype=self.dtype, name="mlp")(y)
         return x[:, 0]

@@ -60,6 +60,10 @@ class TextTransformer(nn.Module):
       mask_pad: mask padding keys in attention (see the module docstring). False: every position
         attends to every position, pads included, as SigLIP was trained (big_vision; Hugging Face's
         ``SiglipTextModel`` called without ``attention_mask``).
+      attention_impl: ``'auto'`` (cuDNN flash attention on a GPU in bf16/fp16, else XLA) |
+        ``'xla'`` | ``'cudnn'`` | ``'einsum'`` (the hand-written reference): how attention is
+        computed (:func:`~contrastive_jax.models.layers.resolve_attention_impl`); all give the same
+        function, and the params do not depend on it.
       dtype: compute dtype (params stay float32); set from ``model.dtype``.
     """
 
@@ -77,6 +81,7 @@ class TextTransformer(nn.Module):
     eos_id: int = -1
     mask_pad: bool = True
     norm_eps: float = 1e-6
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -125,18 +130,18 @@ class TextTransformer(nn.Module):
             eos = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
         if not self.mask_pad:
             valid = jnp.ones_like(valid)
-        key_mask = valid[:, None, None, :]  # keys: [B, 1, 1, L]
-        mask = key_mask
-        if self.causal:
-            mask = mask & jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
+        # Keys: [B, 1, 1, L]. The causal part is the encoder's `causal` flag rather than a dense
+        # [L, L] mask, so that fused kernels (cuDNN) can skip the masked half instead of reading it.
+        key_mask = valid[:, None, None, :]
         x = Encoder(
             self.depth, self.num_heads, self.mlp_dim, act=self.act, remat=self.remat, scan=self.scan,
-            dtype=self.dtype, norm_eps=self.norm_eps, name="encoder",
-        )(x, mask)
+            dtype=self.dtype, norm_eps=self.norm_eps, attention_impl=self.attention_impl,
+            causal=self.causal, name="encoder",
+        )(x, key_mask)
 
         if self.pool == "last":
             return x[:, -1]
         if self.pool == "map":
             return MAPHead(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, norm_eps=self.norm_eps,
-                           name="map")(x, key_mask)
+                           attention_impl=self.attention_impl, name="map")(x, key_mask)
         return jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]

@@ -129,6 +129,10 @@ class VisionTransformer(nn.Module):
       scan: ``nn.scan`` over the blocks (params stacked on a leading ``layers`` axis, one
         compiled block).
       norm_eps: LayerNorm epsilon (big_vision 1e-6; PyTorch / OpenAI CLIP 1e-5).
+      attention_impl: ``'auto'`` (cuDNN flash attention on a GPU in bf16/fp16, else XLA) |
+        ``'xla'`` | ``'cudnn'`` | ``'einsum'`` (the hand-written reference): how attention is
+        computed (:func:`~contrastive_jax.models.layers.resolve_attention_impl`); all give the same
+        function, and the params do not depend on it.
       dtype: compute dtype (params stay float32); set from ``model.dtype``.
     """
 
@@ -149,6 +153,7 @@ class VisionTransformer(nn.Module):
     remat: str = "none"
     scan: bool = False
     norm_eps: float = 1e-6
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -219,13 +224,14 @@ class VisionTransformer(nn.Module):
             x = LayerNorm(dtype=self.dtype, epsilon=self.norm_eps, name="norm_pre")(x)
         x = Encoder(
             self.depth, self.num_heads, self.mlp_dim, act=self.act, remat=self.remat, scan=self.scan,
-            dtype=self.dtype, norm_eps=self.norm_eps, name="encoder",
+            dtype=self.dtype, norm_eps=self.norm_eps, attention_impl=self.attention_impl,
+            name="encoder",
         )(x)
         if use_cls:
             return x[:, 0]
         if self.pool == "map":
             return MAPHead(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, norm_eps=self.norm_eps,
-                           name="map")(x)
+                           attention_impl=self.attention_impl, name="map")(x)
         # Mean in float32: summing many bf16 tokens loses precision.
         return jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
 

@@ -79,6 +79,9 @@ def default_config() -> ConfigDict:
     c.optim.b1 = 0.9  # adamw/lamb first moment decay
     c.optim.b2 = 0.98  # adamw/lamb second moment decay
     c.optim.eps = 1e-6
+    # adamw: dtype of the first moment, 'float32' | 'bfloat16' (halves that state; as big_vision's
+    # momentum dtype). Params and the second moment stay float32.
+    c.optim.mu_dtype = "float32"
     c.optim.momentum = 0.9  # sgd / lars
     c.optim.nesterov = False  # sgd / lars
     c.optim.lars_trust_coefficient = 0.001
@@ -393,13 +396,16 @@ def _choices() -> tuple:
     from contrastive_jax.data.transforms import CROPS
     from contrastive_jax.losses import IMPLS, OBJECTIVES
     from contrastive_jax.models.build import DTYPES
+    from contrastive_jax.models.layers import ATTENTION_IMPLS
     from contrastive_jax.train.optim import OPTIMIZERS, SCHEDULES
 
     return (("loss.name", tuple(sorted(OBJECTIVES))), ("loss.impl", IMPLS), ("optim.name", OPTIMIZERS),
             ("optim.schedule", SCHEDULES), ("optim.decay_shape", ("linear", "cosine", "sqrt")),
             ("data.tokenizer.kind", TOKENIZER_KINDS), ("data.tokenizer.clean", CLEAN_MODES),
             ("data.augment.crop", CROPS),
-            ("model.dtype", tuple(DTYPES)))
+            ("model.dtype", tuple(DTYPES)), ("optim.mu_dtype", ("float32", "bfloat16")),
+            # helper G (issue 19): checked here too so that a typo is a one-line exit-2 error.
+            ("model.image.attention_impl", ATTENTION_IMPLS), ("model.text.attention_impl", ATTENTION_IMPLS))
 
 
 def _field(cfg: Any, path: str) -> Any:

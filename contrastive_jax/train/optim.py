@@ -152,8 +152,11 @@ def _base_optimizer(optim_config: Any, schedule: optax.Schedule) -> optax.Gradie
         return decay_mask(p, no_decay)
 
     if name == "adamw":
+        # helper G (issue 19, mixed precision): optional bf16 first moment, as big_vision's
+        # momentum dtype; the second moment stays float32 (its range needs it).
+        mu_dtype = jnp.bfloat16 if optim_config.get("mu_dtype", "float32") == "bfloat16" else None
         return optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                           weight_decay=wd, mask=mask)
+                           weight_decay=wd, mask=mask, mu_dtype=mu_dtype)
     if name == "lamb":
         return optax.lamb(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
                           weight_decay=wd, mask=mask)
