@@ -13,6 +13,7 @@ tuples).
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib.util
 import json
 import logging
@@ -526,6 +527,29 @@ def _duration_problems(cfg: Any, overridden: Sequence[str], warn: bool, warnings
     return problems
 
 
+def _model_build_problems(cfg: Any) -> list[str]:
+    """What the tower builders reject (``model.image.pool='bogus'; known: ...``), found by
+    constructing the Flax modules: cheap, no parameters, no devices (the dtype is pinned to float32
+    so ``'auto'`` does not query the backend before ``jax.distributed`` starts)."""
+    if _field(cfg, "model") is _MISSING:
+        return []
+    from contrastive_jax import models
+    from contrastive_jax.train.builder import model_config_for
+
+    placeholder = type("_Vocab", (), {"vocab_size": 8})()  # vocab_size=-1 is resolved from the data later
+    mcfg = model_config_for(cfg, placeholder)
+    try:
+        with mcfg.unlocked() if hasattr(mcfg, "unlocked") else contextlib.nullcontext():
+            if "dtype" in mcfg:
+                mcfg["dtype"] = "float32"
+        models.build(mcfg)
+    except ValueError as e:
+        return [" ".join(str(e).split())]
+    except Exception:  # anything else is the full builder's to report, with its context
+        return []
+    return []
+
+
 def _model_data_problems(cfg: Any) -> list[str]:
     problems = []
     size = _field(cfg, "data.image_size")
@@ -584,6 +608,7 @@ def check_config(cfg: Any, overridden: Sequence[str] = (), *, warn: bool = True)
     warnings: list[str] = []
     problems = (_mesh_problems(cfg) + _range_problems(cfg) + _duration_problems(cfg, overridden, warn, warnings)
                 + _model_data_problems(cfg))
+    problems = problems or _model_build_problems(cfg)  # only a config that is otherwise in range
     if problems:
         raise ConfigError("; ".join(problems))
     for message in warnings:  # only for a config that is otherwise fine: an error stays one line

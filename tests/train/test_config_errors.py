@@ -34,6 +34,8 @@ CASES = [
     ("--config.train.batch_size=abc", ["config.train.batch_size", "integer", "'abc'"]),
     ("--config.mesh=abc", ["config.mesh", "[('data', -1)]"]),
     ("--config.loss.impl=fast", ["config.loss.impl", "'fast'", "dense, chunked, ring"]),
+    # Rejected by the tower builder itself, found before any data or compilation.
+    ("--config.model.image.pool=bogus", ["model.image.pool", "'bogus'", "gap, cls, map"]),
     ("--config.data.image_size=30", ["config.data.image_size=30", "patch_size=8", "multiple of 8", "32"]),
     ("--config.optim.lr=-1", ["config.optim.lr=-1", "> 0"]),
     ("--config.train.total_steps=-5", ["config.train.total_steps=-5", ">= 0"]),
