@@ -50,3 +50,28 @@ if not os.environ.get("CONTRASTIVE_JAX_TEST_SHARED"):
 import jax  # noqa: E402
 
 assert jax.device_count() == 8, f"expected 8 simulated devices, got {jax.device_count()}"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def moto_s3():
+    """An S3-compatible endpoint: moto's server on 127.0.0.1 (real HTTP; nothing leaves the
+    machine), with dummy credentials and ``AWS_ENDPOINT_URL_S3`` in the environment for the
+    module (trainer subprocesses inherit them). Yields a ``pytest.MonkeyPatch`` for further
+    environment changes of the module's own; stopped after the module."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is needed for the s3:// tests")
+    import fsspec
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}"}.items():
+            mp.setenv(key, value)
+        mp.delenv("AWS_PROFILE", raising=False)
+        fsspec.filesystem("s3").clear_instance_cache()  # none made for another endpoint
+        yield mp
+        fsspec.filesystem("s3").clear_instance_cache()
+    server.stop()

@@ -293,28 +293,13 @@ def test_mixture_ratios_and_same_sequence_on_one_and_two_processes(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def s3_bucket():
-    """A fresh bucket on moto's S3 server on 127.0.0.1 (a real HTTP endpoint; nothing leaves the
-    machine), reached through AWS_ENDPOINT_URL_S3 with dummy credentials; yields its s3:// URL."""
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is needed for the s3:// tests")
-    import fsspec
-
+def s3_bucket(moto_s3):
+    """A fresh bucket on the module's moto S3 server (tests/conftest.py); yields its s3:// URL."""
     from contrastive_jax import storage
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}"}.items():
-            mp.setenv(key, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        fsspec.filesystem("s3").clear_instance_cache()  # none made for another endpoint
-        fs, _ = storage.filesystem("s3://cj-streaming")
-        fs.mkdir("cj-streaming")
-        yield "s3://cj-streaming"
-        fsspec.filesystem("s3").clear_instance_cache()
-    server.stop()
+    fs, _ = storage.filesystem("s3://cj-streaming")
+    fs.mkdir("cj-streaming")
+    yield "s3://cj-streaming"
 
 
 def _upload(paths, url_dir):

@@ -42,32 +42,19 @@ sys.exit(main())
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """An S3 endpoint on 127.0.0.1 (moto server) with dummy credentials in the environment; yields a
-    function that creates a fresh bucket and returns its ``s3://`` URL. Checkpoint staging dirs
-    (also those of trainer subprocesses, which inherit the environment) go under pytest's tmp."""
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is needed for the S3 tests")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}"}.items():
-            mp.setenv(key, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        mp.setenv("CONTRASTIVE_JAX_STAGING_DIR", str(tmp_path_factory.mktemp("staging")))
-        import fsspec
+def s3(moto_s3, tmp_path_factory):
+    """The module's moto S3 server (tests/conftest.py); yields a function that creates a fresh
+    bucket and returns its ``s3://`` URL. Checkpoint staging dirs (also those of trainer
+    subprocesses, which inherit the environment) go under pytest's tmp."""
+    moto_s3.setenv("CONTRASTIVE_JAX_STAGING_DIR", str(tmp_path_factory.mktemp("staging")))
 
-        fsspec.filesystem("s3").clear_instance_cache()  # no instance made for another endpoint
+    def bucket():
+        name = f"cj-{uuid.uuid4().hex[:12]}"
+        fs, _ = storage.filesystem(f"s3://{name}")
+        fs.mkdir(name)
+        return f"s3://{name}"
 
-        def bucket():
-            name = f"cj-{uuid.uuid4().hex[:12]}"
-            fs, _ = storage.filesystem(f"s3://{name}")
-            fs.mkdir(name)
-            return f"s3://{name}"
-
-        yield bucket
-    server.stop()
+    return bucket
 
 
 def test_storage_layer_behaves_alike_locally_and_on_s3(s3, tmp_path):
