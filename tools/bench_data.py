@@ -11,6 +11,16 @@ Each worker count is timed in the same process run, one after another, after a w
 
     python tools/bench_data.py --tokenizers          # captions/s of each tokenizer, side by side
 
+    python tools/bench_data.py --dataset webdataset --workers 1,2   # streamed sources, no conversion
+    python tools/bench_data.py --dataset parquet --s3                # ... read from a loopback S3 server
+
+``webdataset`` / ``parquet``: the same generated JPEG photos written as img2dataset-style shards
+(``KEY.jpg`` + ``KEY.txt`` tars of 256 samples; parquet files with ``jpg`` and ``caption`` columns)
+and read through ``config.data.sources`` (``data/streaming.py``); --workers are then
+``data.read_threads`` (the streamed sources use decode threads, not grain processes). ``--s3``
+uploads the shards to moto's S3 server on 127.0.0.1 (``pip install "moto[server]" s3fs``) and
+reads them from ``s3://`` (real HTTP on the loopback).
+
 ``--tokenizers``: captions/s of CLIP BPE (ours with the ``tokenizers`` package's BPE, ours in pure
 Python, open_clip's own ``SimpleTokenizer``), the word tokenizer and a SentencePiece model trained
 on the captions, on the same --captions generated captions (ImageNet-style templates, varied
@@ -52,9 +62,75 @@ def _make_jpeg_dataset(root: str, n: int, photo_size: int) -> str:
         rows.append((name, f"photo number {i}"))
     with open(os.path.join(root, "captions.csv"), "w", newline="") as f:
         csv.writer(f).writerows([("image", "caption"), *rows])
-    convert(os.path.join(root, "photos"), name="bench_photos", data_dir=os.path.join(root, "tfds"),
-            captions=os.path.join(root, "captions.csv"), test_fraction=0.0, progress=False)
+    from contrastive_jax.commands.data import stdout_to_stderr
+
+    with stdout_to_stderr():  # TFDS prints while writing; this tool's stdout is its JSON only
+        convert(os.path.join(root, "photos"), name="bench_photos", data_dir=os.path.join(root, "tfds"),
+                captions=os.path.join(root, "captions.csv"), test_fraction=0.0, progress=False)
     return os.path.join(root, "tfds")
+
+
+def _photo_bytes(n: int, photo_size: int):
+    """``n`` (key, JPEG bytes, caption) of smooth gradients plus noise (real-photo-like sizes)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:photo_size, 0:photo_size] / photo_size
+    for i in range(n):
+        base = np.stack([xx, yy, (xx + yy) / 2], -1) * rng.uniform(50, 255, 3)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)).save(
+            buf, format="JPEG", quality=90)
+        yield f"{i:09d}", buf.getvalue(), f"photo number {i}"
+
+
+def _make_shards(root: str, fmt: str, n: int, photo_size: int, per_shard: int = 256) -> str:
+    """img2dataset-style shards of the generated photos under ``root``; returns their glob."""
+    import io
+    import tarfile
+
+    os.makedirs(root, exist_ok=True)
+    samples = list(_photo_bytes(n, photo_size))
+    for s in range(0, n, per_shard):
+        chunk = samples[s:s + per_shard]
+        if fmt == "webdataset":
+            with tarfile.open(os.path.join(root, f"shard-{s // per_shard:05d}.tar"), "w") as tar:
+                for key, jpg, caption in chunk:
+                    for ext, payload in (("jpg", jpg), ("txt", caption.encode())):
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size = len(payload)
+                        tar.addfile(info, io.BytesIO(payload))
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"key": [k for k, _, _ in chunk], "jpg": [j for _, j, _ in chunk],
+                                     "caption": [c for _, _, c in chunk]}),
+                           os.path.join(root, f"part-{s // per_shard:05d}.parquet"))
+    return os.path.join(root, "shard-*.tar" if fmt == "webdataset" else "part-*.parquet")
+
+
+def _upload_to_loopback_s3(pattern: str):
+    """Starts moto's S3 server on 127.0.0.1, uploads the files of ``pattern`` into a bucket and
+    returns ``(server, s3 glob)``; the environment points fsspec/s3fs at it."""
+    import glob
+
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL_S3=f"http://{host}:{port}")
+    from contrastive_jax import storage
+
+    fs, _ = storage.filesystem("s3://bench-shards")
+    fs.mkdir("bench-shards")
+    for path in sorted(glob.glob(pattern)):
+        fs.put_file(path, f"bench-shards/{os.path.basename(path)}")
+    return server, "s3://bench-shards/" + os.path.basename(pattern)
 
 
 def _captions(n: int, seed: int = 0) -> list[str]:
@@ -130,7 +206,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="--tokenizers: interleaved rounds (best reported)")
     p.add_argument("--vocab", default=None, help="--tokenizers: CLIP's bpe_simple_vocab_16e6.txt.gz "
                    "(default: open_clip's packaged file)")
-    p.add_argument("--dataset", choices=("shapes", "jpeg"), default="shapes")
+    p.add_argument("--dataset", choices=("shapes", "jpeg", "webdataset", "parquet"), default="shapes")
+    p.add_argument("--s3", action="store_true", help="webdataset/parquet: read the shards from a loopback S3 server")
     p.add_argument("--workers", default="0,1,2", help="comma-separated grain worker counts")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--batches", type=int, default=20, help="timed batches per worker count")
@@ -152,8 +229,15 @@ def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     config = load_config(os.path.join(here, "..", "configs", "quickstart.py"))
     cfg = config.data
-    tmp = None
-    if args.dataset == "jpeg":
+    tmp = server = None
+    streamed = args.dataset in ("webdataset", "parquet")
+    if streamed:
+        tmp = tempfile.TemporaryDirectory()
+        pattern = _make_shards(os.path.join(tmp.name, "shards"), args.dataset, args.num_photos, args.photo_size)
+        if args.s3:
+            server, pattern = _upload_to_loopback_s3(pattern)
+        cfg.name, cfg.sources, cfg.image_size = "sources", ({"path": pattern, "format": args.dataset},), args.image_size
+    elif args.dataset == "jpeg":
         tmp = tempfile.TemporaryDirectory()
         cfg.name, cfg.data_dir = "bench_photos", _make_jpeg_dataset(tmp.name, args.num_photos, args.photo_size)
         cfg.image_size = args.image_size
@@ -166,7 +250,10 @@ def main() -> None:
     tokenizer = data.build_tokenizer(cfg)
     results = []
     for workers in (int(w) for w in args.workers.split(",")):
-        cfg.worker_count = workers
+        if streamed:
+            cfg.read_threads = max(workers, 1)
+        else:
+            cfg.worker_count = workers
         it = data.make_train_iterator(cfg, tokenizer=tokenizer, global_batch_size=args.batch,
                                       process_index=0, process_count=1)
         for _ in range(args.warmup):
@@ -175,16 +262,20 @@ def main() -> None:
         for _ in range(args.batches):
             next(it)
         dt = time.perf_counter() - t0
-        results.append({"workers": workers, "examples_per_s": round(args.batch * args.batches / dt, 1)})
+        results.append({"read_threads" if streamed else "workers": max(workers, 1) if streamed else workers,
+                        "examples_per_s": round(args.batch * args.batches / dt, 1)})
         del it
     print(json.dumps({
         "benchmark": "data_pipeline", "dataset": args.dataset, "batch": args.batch,
         "image_size": int(cfg.image_size), "recipe": args.recipe, "views": args.views,
-        "photo_size": args.photo_size if args.dataset == "jpeg" else None,
+        "photo_size": args.photo_size if args.dataset != "shapes" else None,
+        "source": ("s3 (moto on 127.0.0.1)" if args.s3 else "local disk") if streamed else None,
         "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
         "machine": platform.machine(), "results": results,
         "quickstart_consumption_examples_per_s": 350,
     }, indent=1))
+    if server is not None:
+        server.stop()
     if tmp is not None:
         tmp.cleanup()
 
