@@ -56,7 +56,24 @@ def read_tokenizer_config(folder: str) -> dict:
     return out
 
 
-class HfTokenizersTokenizer(Tokenizer):
+class _StoredIds:
+    """``max_len`` / ``pad_id`` / ``eos_id`` of a tokenizer that keeps them as ``_max_len`` /
+    ``_pad`` / ``_eos`` (both Hugging Face tokenizers below)."""
+
+    @property
+    def max_len(self) -> int:
+        return self._max_len
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+
+class HfTokenizersTokenizer(_StoredIds, Tokenizer):
     """A ``tokenizer.json`` (``tokenizers`` package) behind the :class:`Tokenizer` layout.
 
     ``encode`` gives int32 ``[N, max_len]``: the file's own pipeline (normalizer, pre-tokenizer,
@@ -116,18 +133,6 @@ class HfTokenizersTokenizer(Tokenizer):
         return self._raw.get_vocab_size(with_added_tokens=True)
 
     @property
-    def max_len(self) -> int:
-        return self._max_len
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
-
-    @property
     def bos_id(self) -> int | None:
         return self._bos
 
@@ -176,7 +181,7 @@ def _special_tokens_of(config: dict) -> list[dict]:
     return [dict(content=n, lstrip=True, rstrip=True, single_word=False) for n in sorted(names) if n]
 
 
-class SiglipSentencePieceTokenizer(Tokenizer):
+class SiglipSentencePieceTokenizer(_StoredIds, Tokenizer):
     """SigLIP's ``spiece.model`` with ``transformers.SiglipTokenizer``'s text handling and ids.
 
     Per text (what ``SiglipTokenizer`` does): ``'▁' + text`` (any ``'▁'`` in it made a space),
@@ -233,18 +238,6 @@ class SiglipSentencePieceTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return max([self._sp.get_piece_size()] + [int(t["id"]) + 1 for t in self._specials.values()])
-
-    @property
-    def max_len(self) -> int:
-        return self._max_len
-
-    @property
-    def pad_id(self) -> int:
-        return self._pad
-
-    @property
-    def eos_id(self) -> int:
-        return self._eos
 
     def _canonical(self, text: str) -> str:
         if self._lower:

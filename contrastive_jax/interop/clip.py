@@ -337,6 +337,17 @@ def _get(tree: Mapping, path: str):
     return tree
 
 
+def rule_problems(rules, state_dict: Mapping[str, Any]) -> list[str]:
+    """Every key of ``state_dict`` no rule maps, every rule's key it lacks, and every shape that
+    differs from the rule's: one line each (for a :class:`ConversionError` listing them all)."""
+    expected = {r.key for r in rules}
+    problems = [f"unmapped key {k!r} {tuple(np.shape(state_dict[k]))}" for k in state_dict if k not in expected]
+    problems += [f"missing key {r.key!r} (expected shape {r.shape})" for r in rules if r.key not in state_dict]
+    problems += [f"key {r.key!r} has shape {tuple(np.shape(state_dict[r.key]))}, expected {r.shape}"
+                 for r in rules if r.key in state_dict and tuple(np.shape(state_dict[r.key])) != r.shape]
+    return problems
+
+
 def convert_state_dict(state_dict: Mapping[str, Any], *, layout: str = "auto", act: str | None = None,
                        image_heads: int | None = None, text_heads: int | None = None,
                        open_clip_config: str | os.PathLike | Mapping | None = None,
@@ -366,11 +377,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], *, layout: str = "auto", a
     model, notes = infer_model_config(sd, layout, act=act, image_heads=image_heads, text_heads=text_heads,
                                       open_clip_config=read_open_clip_config(open_clip_config), source=source)
     rules = _rules(model, layout, logit_bias=model["logit_bias"])
-    expected = {r.key for r in rules}
-    problems = [f"unmapped key {k!r} {tuple(np.shape(sd[k]))}" for k in sd if k not in expected]
-    problems += [f"missing key {r.key!r} (expected shape {r.shape})" for r in rules if r.key not in sd]
-    problems += [f"key {r.key!r} has shape {tuple(np.shape(sd[r.key]))}, expected {r.shape}"
-                 for r in rules if r.key in sd and tuple(np.shape(sd[r.key])) != r.shape]
+    problems = rule_problems(rules, sd)
     if problems:
         raise ConversionError(
             f"{len(problems)} problem(s) converting a CLIP ViT state dict ({layout} layout; image ViT width "

@@ -40,7 +40,7 @@ import ml_collections
 import numpy as np
 
 from contrastive_jax.interop.clip import (CLIP_MEAN, CLIP_STD, ConversionError, _get, _set, jax_to_numpy,
-                                          unstack_layers)
+                                          rule_problems, unstack_layers)
 
 HF_MODEL_TYPES = ("clip", "siglip")
 ARCHITECTURES = {"clip": "CLIPModel", "siglip": "SiglipModel"}
@@ -299,11 +299,7 @@ def convert_hf_state_dict(state_dict: Mapping[str, Any], cfg: Mapping) -> tuple[
     # Buffers some versions save (position ids) are not parameters.
     sd = {k: v for k, v in state_dict.items() if not k.endswith("position_ids")}
     rules = _rules(kind, model, image_size)
-    expected = {r.key for r in rules}
-    problems = [f"unmapped key {k!r} {tuple(np.shape(sd[k]))}" for k in sd if k not in expected]
-    problems += [f"missing key {r.key!r} (expected shape {r.shape})" for r in rules if r.key not in sd]
-    problems += [f"key {r.key!r} has shape {tuple(np.shape(sd[r.key]))}, expected {r.shape}"
-                 for r in rules if r.key in sd and tuple(np.shape(sd[r.key])) != r.shape]
+    problems = rule_problems(rules, sd)
     if problems:
         raise ConversionError(f"{len(problems)} problem(s) converting a transformers {ARCHITECTURES[kind]} state dict "
                               "against its config.json:\n  " + "\n  ".join(problems[:40]))
