@@ -1,6 +1,6 @@
 """``contrastive-jax eval --checkpoint WORKDIR[/checkpoints/STEP] [--config FILE[:ARG]] [--config.a.b=v ...]``.
 
-Loads a run's model and params (as ``contrastive_jax.train.restore.load_run``), runs every
+Loads a run's model and params (``contrastive_jax.train.restore.load_run_and_step``), runs every
 evaluator of ``config.eval``, writes ``eval.json`` (default: into the run directory; ``--output``
 elsewhere, e.g. for a read-only run directory) atomically and prints the same JSON on stdout (the
 only thing on stdout; logs go to stderr). ``step`` in it is the checkpoint actually evaluated.
@@ -38,29 +38,6 @@ def split_checkpoint(path: str, step: int | None) -> tuple[str, int | None]:
     return path, step
 
 
-def load_run_and_step(workdir: str, step: int | None):
-    """``(config, model, params, tokenizer, step)``: :func:`contrastive_jax.train.restore.load_run`
-    plus the checkpoint step actually restored (with ``step=None`` the newest readable one, which
-    is an older one when the newest is unreadable)."""
-    import flax.linen as nn
-    import jax
-
-    from contrastive_jax.parallel.logical import param_shardings
-    from contrastive_jax.parallel.mesh import make_mesh
-    from contrastive_jax.train.builder import build_model
-    from contrastive_jax.train.restore import load_config_json, load_tokenizer, restore_params
-
-    # The same steps as load_run (train/restore.py), which does not return the step it used.
-    config = load_config_json(workdir)
-    tokenizer = load_tokenizer(workdir)
-    built = build_model(config, tokenizer)
-    mesh = make_mesh([("data", 1)], jax.local_devices()[:1])
-    abstract = jax.eval_shape(lambda *xs: built.model.init(jax.random.key(0), *xs), *built.inputs)["params"]
-    shardings = param_shardings(abstract, config.sharding, mesh)
-    used, params = restore_params(workdir, nn.meta.unbox(abstract), shardings, step=step)
-    return config, built.model, params, tokenizer, int(used)
-
-
 def build_runner_from_checkpoint(checkpoint: str, step: int | None, *, overrides, eval_config_spec: str | None = None):
     """``(EvalRunner, params placed on the mesh, config)`` for a finished or running run."""
     return build_runner_and_step(checkpoint, step, overrides=overrides, eval_config_spec=eval_config_spec)[:3]
@@ -78,6 +55,8 @@ def build_runner_and_step(checkpoint: str, step: int | None, *, overrides, eval_
     workdir, step = split_checkpoint(checkpoint, step)
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"no such run directory: {workdir}")
+    from contrastive_jax.train.restore import load_run_and_step
+
     config, model, params, tokenizer, used = load_run_and_step(workdir, step)
     if eval_config_spec:
         other = load_config(eval_config_spec)

@@ -80,7 +80,13 @@ def restore_params(workdir: str, abstract_params: Any, shardings: Any, *, step: 
 
 
 def load_run(workdir: str, step: int | None = None, *, mesh=None, ema: bool = False):
-    """Loads ``(config, model, params, tokenizer)`` of the run (or model directory) in ``workdir``.
+    """Loads ``(config, model, params, tokenizer)`` of the run (or model directory) in ``workdir``
+    (:func:`load_run_and_step` without the step)."""
+    return load_run_and_step(workdir, step, mesh=mesh, ema=ema)[:4]
+
+
+def load_run_and_step(workdir: str, step: int | None = None, *, mesh=None, ema: bool = False):
+    """Loads ``(config, model, params, tokenizer, step)`` of the run (or model directory) in ``workdir``.
 
     Args:
       step: checkpoint step (None: the newest one that restores).
@@ -89,7 +95,9 @@ def load_run(workdir: str, step: int | None = None, *, mesh=None, ema: bool = Fa
 
     Returns:
       ``config`` (ConfigDict), ``model`` (unbound flax module), ``params`` (pytree of float32
-      jax.Arrays on ``mesh``), ``tokenizer`` (None for a model directory written without one).
+      jax.Arrays on ``mesh``), ``tokenizer`` (None for a model directory written without one),
+      ``step`` (int: the checkpoint actually restored; with ``step=None`` an older one when the
+      newest is unreadable).
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config = load_config_json(workdir)
@@ -100,8 +108,8 @@ def load_run(workdir: str, step: int | None = None, *, mesh=None, ema: bool = Fa
     # Shapes only: nothing is initialized, the checkpoint is read straight into place.
     abstract = jax.eval_shape(lambda *xs: built.model.init(jax.random.key(0), *xs), *built.inputs)["params"]
     shardings = param_shardings(abstract, config.sharding, mesh)
-    _, params = restore_params(workdir, nn.meta.unbox(abstract), shardings, step=step, ema=ema)
-    return config, built.model, params, tokenizer
+    used, params = restore_params(workdir, nn.meta.unbox(abstract), shardings, step=step, ema=ema)
+    return config, built.model, params, tokenizer, int(used)
 
 
 def write_model_dir(directory: str, config: Any, params: Any, tokenizer: Any = None) -> str:
