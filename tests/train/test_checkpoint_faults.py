@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 
 from contrastive_jax.train.checkpoint import Checkpointer, CheckpointSaveError
-from tests.train.test_resilience import _cli, _env
+from tests.train.test_resilience import _cli, _env, _wait_for_stderr_line
 from tests.train.test_train import REPO
 
 RUN = ["--config.train.total_steps=8", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3"]
@@ -85,12 +84,7 @@ def test_sigkill_during_async_write_resumes_from_previous_checkpoint(base_run, t
     proc = subprocess.Popen(cmd, env={**_env(2), "CJ_FAULT_STEP": "8"}, cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline, line, seen = time.time() + 300, "", []
-        while "FAULT: write in flight" not in line:
-            line = proc.stderr.readline()
-            seen.append(line)
-            assert line or proc.poll() is None, f"trainer ended (rc {proc.returncode}) before the write: {''.join(seen)[-3000:]}"
-            assert time.time() < deadline, "the step-8 write never started"
+        _wait_for_stderr_line(proc, "FAULT: write in flight", "the step-8 write")
         tmp = [d for d in os.listdir(workdir / "checkpoints") if d.startswith("8.orbax-checkpoint-tmp")]
         assert tmp, os.listdir(workdir / "checkpoints")  # killed mid-write: only orbax's temporary dir exists
     finally:

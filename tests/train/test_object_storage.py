@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import jax
@@ -18,7 +17,7 @@ import pytest
 
 from contrastive_jax import storage
 from contrastive_jax.train.checkpoint import COMMIT_MARKER, Checkpointer, load_params_from
-from tests.train.test_resilience import _cli, _env, _final_params
+from tests.train.test_resilience import _cli, _env, _final_params, _wait_for_stderr_line
 from tests.train.test_train import REPO
 
 RUN = ["--config.train.total_steps=6", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3"]
@@ -132,12 +131,7 @@ def test_s3_workdir_killed_mid_upload_resumes_from_last_committed_step(s3, tmp_p
     proc = subprocess.Popen([sys.executable, "-c", _HANG_UPLOAD, *cmd[3:]], env={**env, "CJ_FAULT_STEP": "4"},
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline, line, seen = time.time() + 300, "", []
-        while "FAULT: upload in flight" not in line:
-            line = proc.stderr.readline()
-            seen.append(line)
-            assert line or proc.poll() is None, f"trainer ended (rc {proc.returncode}) before the upload: {''.join(seen)[-3000:]}"
-            assert time.time() < deadline, "the step-4 upload never started"
+        _wait_for_stderr_line(proc, "FAULT: upload in flight", "the step-4 upload")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

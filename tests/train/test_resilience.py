@@ -71,6 +71,17 @@ def _env(devices):
     return {**os.environ, "XLA_FLAGS": " ".join(flags), "JAX_PLATFORMS": "cpu"}
 
 
+def _wait_for_stderr_line(proc, marker, what, timeout=300):
+    """Reads ``proc``'s stderr until a line holding ``marker``; fails naming ``what`` if the process
+    ends first (with its last stderr) or ``timeout`` s pass."""
+    deadline, line, seen = time.time() + timeout, "", []
+    while marker not in line:
+        line = proc.stderr.readline()
+        seen.append(line)
+        assert line or proc.poll() is None, f"trainer ended (rc {proc.returncode}) before {what}: {''.join(seen)[-3000:]}"
+        assert time.time() < deadline, f"{what} never started"
+
+
 def _wait_for_checkpoint(proc, ckpt_dir, at_least, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
