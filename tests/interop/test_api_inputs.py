@@ -9,16 +9,12 @@ from contrastive_jax import models
 from contrastive_jax.api import Model
 from contrastive_jax.interop.clip import clip_tokenizer, run_config
 from contrastive_jax.train.config import default_config, merge
-
-MERGES = ["#version: 0.2", "t h", "th e</w>", "o g</w>", "d og</w>", "c a", "ca t</w>"]
-VOCAB = 514 + len(MERGES) - 1
+from tests.interop.test_interop import VOCAB, merges  # noqa: F401  (merges: the fixture of its merges file)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(merges):
     """A tiny random CLIP (16 px images, 1 block per tower) with a CLIP BPE tokenizer."""
-    path = tmp_path_factory.mktemp("vocab") / "merges.txt"
-    path.write_text("\n".join(MERGES) + "\n")
     common = dict(act="quick_gelu", norm_eps=1e-5)
     arch = dict(
         embed_dim=16, image_size=16, logit_bias=False,
@@ -29,7 +25,7 @@ def model(tmp_path_factory):
     config = merge(default_config(), run_config(arch), source="test")
     module = models.build(config.model)
     params = nn.unbox(module.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), jnp.ones((1, 8), jnp.int32))["params"])
-    return Model(config, module, params, clip_tokenizer(str(path), VOCAB, 8))
+    return Model(config, module, params, clip_tokenizer(merges, VOCAB, 8))
 
 
 def test_one_string_where_a_list_is_expected_is_an_error(model):
