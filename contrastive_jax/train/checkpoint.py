@@ -87,7 +87,7 @@ def _is_background_noise(unraisable) -> bool:
     return getattr(getattr(obj, "cr_code", None), "co_filename", "").find("orbax") >= 0
 
 
-def _quiet_background_failures() -> None:
+def quiet_background_failures() -> None:
     """Installs the two filters above once per process (idempotent)."""
     if getattr(sys.unraisablehook, "_contrastive_jax", False):
         return
@@ -163,7 +163,7 @@ class Checkpointer:
         self._upload: threading.Thread | None = None
         self._upload_error: BaseException | None = None
         self._own_staging = False
-        _quiet_background_failures()
+        quiet_background_failures()
         if self.remote:
             if jax.process_count() > 1:
                 raise ValueError(f"workdir {self.directory}: checkpoints on object storage are written by one "
@@ -363,28 +363,6 @@ class Checkpointer:
         )
         return restored["state"], restored["data"]
 
-    def restore_latest_good(self, abstract_state: Any, shardings: Any, *, quarantine: bool = True
-                            ) -> tuple[int, Any, dict] | None:
-        """``(step, state, data_state)`` of the newest checkpoint that restores, or None.
-
-        Checkpoints that fail (truncated/corrupt files, missing items, non-finite params) are
-        skipped with one warning each, newest first; with ``quarantine`` (the trainer) they are
-        also moved to ``<directory>_corrupt/<step>-<unix time>`` so the run can save that step again.
-        """
-        for step in sorted(self.all_steps(), reverse=True):
-            try:
-                state, data_state = self.restore(step, abstract_state, shardings)
-                jax.block_until_ready(state)
-                _check_finite_params(state)
-                return step, state, data_state
-            except Exception as e:  # noqa: BLE001 - any failure to read means "not a good checkpoint"
-                aside = f"; it is moved to {self.directory}_corrupt/" if quarantine else ""
-                _warn(f"checkpoint at step {step} in {self.directory} is unreadable ({_summary(e)})"
-                      f"{aside}; trying the previous one")
-                if quarantine:
-                    self._quarantine(step)
-        return None
-
     def _quarantine(self, step: int) -> None:
         # Moved out of the manager's directory: a later save of the same step must not collide
         # with it, and it stays on disk for inspection.
@@ -404,12 +382,6 @@ class Checkpointer:
         barrier(f"quarantine-{step}-done")
         self.manager.close()
         self.manager = self._open()
-
-
-def _check_finite_params(state: Any) -> None:
-    leaves = [x for x in jax.tree.leaves(getattr(state, "params", state)) if np.issubdtype(np.dtype(x.dtype), np.floating)]
-    if leaves and not bool(jax.jit(lambda xs: jax.numpy.all(jax.numpy.stack([jax.numpy.isfinite(x).all() for x in xs])))(leaves)):
-        raise ValueError("restored parameters contain NaN/inf")
 
 
 def step_dirs(directory: str) -> list[int]:

@@ -22,9 +22,8 @@ from contrastive_jax.data.tokenizer import load_tokenizer as _read_tokenizer
 from contrastive_jax.parallel.logical import param_shardings
 from contrastive_jax.parallel.mesh import make_mesh
 from contrastive_jax.train.builder import build_model
-from contrastive_jax.train.checkpoint import step_dirs
+from contrastive_jax.train.checkpoint import quiet_background_failures, step_dirs
 from contrastive_jax.train.config import default_config, merge
-from contrastive_jax.train.workdir import quiet_failed_reads
 
 
 def load_config_json(workdir: str) -> ml_collections.ConfigDict:
@@ -64,10 +63,11 @@ def restore_params(workdir: str, abstract_params: Any, shardings: Any, *, step: 
     args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
     errors = []
+    quiet_background_failures()  # a cut checkpoint: one error, not ~100 "Event loop is closed" tracebacks
     for s in steps:
         path = os.path.join(checkpoints, str(s), "state")
         try:
-            with quiet_failed_reads(), ocp.PyTreeCheckpointer() as reader:  # one error, not ~100 tracebacks
+            with ocp.PyTreeCheckpointer() as reader:
                 restored = reader.restore(path, args=args)
             return s, restored[key]
         except Exception as e:  # noqa: BLE001 - any failure means "try the previous checkpoint"

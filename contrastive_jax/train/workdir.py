@@ -23,8 +23,6 @@ scheduler never hits: it does not start two copies of a job within milliseconds)
 """
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime
 import errno
 import hashlib
@@ -429,44 +427,6 @@ def mismatch_error(workdir: str, step: int, difference: str) -> UnresumableError
                         f"{storage.join(workdir, 'config.json')}, or {_restart_hint(workdir)}")
 
 
-@contextlib.contextmanager
-def quiet_failed_reads():
-    """Orbax runs a restore's reads in an event loop it closes as soon as one read fails; the
-    other reads (tensorstore futures) complete later and each prints a ``RuntimeError: Event loop
-    is closed`` traceback (about a hundred for one truncated checkpoint). Inside this context a
-    failed restore first lets its remaining reads finish, then closes the loop: the one failure
-    is reported, nothing else. (Patches orbax's private runner; a no-op if it is not there.)"""
-    try:
-        from orbax.checkpoint._src import asyncio_utils
-    except ImportError:
-        yield
-        return
-    original = getattr(asyncio_utils, "_run_sync_via_new_loop", None)
-    if original is None:
-        yield
-        return
-
-    def run_draining(coro):
-        loop = asyncio.new_event_loop()
-        try:
-            asyncio.set_event_loop(loop)
-            return loop.run_until_complete(coro)
-        except BaseException:
-            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            raise
-        finally:
-            asyncio.set_event_loop(None)
-            loop.close()
-
-    asyncio_utils._run_sync_via_new_loop = run_draining
-    try:
-        yield
-    finally:
-        asyncio_utils._run_sync_via_new_loop = original
-
-
 def _reason(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
@@ -482,8 +442,7 @@ def _saved_tree(ckpt: Any, step: int) -> Any:
         if fetch is not None:
             fetch(step)
         path = os.path.join(getattr(ckpt, "local", ckpt.directory), str(step), "state")
-        with quiet_failed_reads():
-            meta = ocp.StandardCheckpointer().metadata(path)
+        meta = ocp.StandardCheckpointer().metadata(path)
         return getattr(getattr(meta, "item_metadata", None), "tree", None)
     except Exception:  # noqa: BLE001 - unreadable metadata: the restore will say why
         return None
@@ -523,9 +482,8 @@ def resume(ckpt: Any, workdir: str, state: Any, shardings: Any) -> tuple[int, An
             raise mismatch_error(workdir, step, difference)
         error = None
         try:
-            with quiet_failed_reads():
-                restored, data_state = ckpt.restore(step, state, shardings)
-                jax.block_until_ready(restored)
+            restored, data_state = ckpt.restore(step, state, shardings)
+            jax.block_until_ready(restored)
             if not _all_finite(restored):
                 error = "the parameters contain NaN/inf"
         except Exception as e:  # noqa: BLE001 - any failure to read means "not a good checkpoint"

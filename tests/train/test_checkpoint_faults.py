@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from contrastive_jax.train.checkpoint import Checkpointer, CheckpointSaveError
+from contrastive_jax.train.workdir import resume
 from tests.train.test_resilience import _cli, _env, _wait_for_stderr_line
 from tests.train.test_train import REPO
 
@@ -154,7 +155,7 @@ def test_injected_enospc_names_the_step_and_keeps_the_previous_checkpoint(tmp_pa
     assert _steps(directory) == [2]
     reopened = Checkpointer(directory, every_steps=2, keep=3)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    step, state, data = reopened.restore_latest_good(_small_state(0), jax.tree.map(lambda _: one, _small_state(0)))
+    step, state, data = resume(reopened, directory, _small_state(0), jax.tree.map(lambda _: one, _small_state(0)))
     assert (step, data, int(state["step"])) == (2, {"pos": 2}, 2)
     np.testing.assert_array_equal(np.asarray(state["w"]), 2.0)
     reopened.close()

@@ -17,6 +17,7 @@ import pytest
 
 from contrastive_jax import storage
 from contrastive_jax.train.checkpoint import COMMIT_MARKER, Checkpointer, load_params_from
+from contrastive_jax.train.workdir import resume
 from tests.train.test_resilience import _cli, _env, _final_params, _wait_for_stderr_line
 from tests.train.test_train import REPO
 
@@ -100,14 +101,14 @@ def test_checkpointer_on_s3_commits_prunes_restores_and_ignores_uncommitted(s3):
             fs.copy(key, key.replace(f"{path}/6/", f"{path}/8/"))
     reopened = Checkpointer(directory, every_steps=2, keep=2)
     assert reopened.all_steps() == [4, 6] and reopened.latest_step() == 6
-    step, state, data = reopened.restore_latest_good(_tree(0), shardings)
+    step, state, data = resume(reopened, directory, _tree(0), shardings)
     assert (step, data) == (6, {"pos": 6})
     np.testing.assert_array_equal(np.asarray(state["w"]), 6.0)
     # Saving step 8 replaces the debris and commits it.
     assert reopened.save(8, _tree(8), {"pos": 8})
     reopened.close()
     fresh = Checkpointer(directory, every_steps=2, keep=2)
-    step, state, data = fresh.restore_latest_good(_tree(0), shardings)
+    step, state, data = resume(fresh, directory, _tree(0), shardings)
     assert (step, data, fresh.all_steps()) == (8, {"pos": 8}, [6, 8])
     np.testing.assert_array_equal(np.asarray(state["b"]), np.arange(3) + 8)
     fresh.close()
@@ -179,7 +180,7 @@ def test_s3_checkpoint_faults_missing_item_and_failed_upload(s3, monkeypatch):
     ckpt.close()
     storage.rmtree(f"{directory}/4/data")
     reopened = Checkpointer(directory, every_steps=2, keep=3)
-    step, state, data = reopened.restore_latest_good(_tree(0), shardings)
+    step, state, data = resume(reopened, directory, _tree(0), shardings)
     assert (step, data, reopened.all_steps()) == (2, {"pos": 2}, [2])
     aside = storage.listdir(run + "/checkpoints_corrupt")
     assert len(aside) == 1 and aside[0].startswith("4-")
