@@ -13,13 +13,20 @@ Each worker count is timed in the same process run, one after another, after a w
 
     python tools/bench_data.py --dataset webdataset --workers 1,2   # streamed sources, no conversion
     python tools/bench_data.py --dataset parquet --s3                # ... read from a loopback S3 server
+    python tools/bench_data.py --dataset sources                     # every format x local/s3 x workers
 
-``webdataset`` / ``parquet``: the same generated JPEG photos written as img2dataset-style shards
-(``KEY.jpg`` + ``KEY.txt`` tars of 256 samples; parquet files with ``jpg`` and ``caption`` columns)
-and read through ``config.data.sources`` (``data/streaming.py``); --workers are then
-``data.read_threads`` (the streamed sources use decode threads, not grain processes). ``--s3``
-uploads the shards to moto's S3 server on 127.0.0.1 (``pip install "moto[server]" s3fs``) and
-reads them from ``s3://`` (real HTTP on the loopback).
+``webdataset`` / ``parquet`` / ``array_record`` / ``tfrecord``: the same generated JPEG photos
+written as shards of 256 samples -- img2dataset-style tars (``KEY.jpg`` + ``KEY.txt``) and parquet
+files (``jpg`` and ``caption`` columns); TFDS-style array_record and TFRecord shards (encoded image
+bytes, ``caption`` and ``key`` features, ``features.json`` beside them) -- and read through
+``config.data.sources`` (``data/streaming.py``). For them, worker count ``0`` means everything in
+the consumer's thread (``data.prefetch_batches=0``, one decode thread) and ``n >= 1`` a prefetch
+thread with ``data.read_threads=n`` decode threads (streamed sources use threads, not grain
+processes). ``--s3`` uploads the shards to moto's S3 server on 127.0.0.1 (``pip install
+"moto[server]" s3fs``) and reads them from ``s3://`` (real HTTP on the loopback);
+``--dataset sources`` measures all four formats, local and on the loopback server, at every
+--workers count, in one process. Each result gives its ratio to the quickstart step's
+consumption (--consumption examples/s, measured by the quickstart run on this machine).
 
 ``--tokenizers``: captions/s of CLIP BPE (ours with the ``tokenizers`` package's BPE, ours in pure
 Python, open_clip's own ``SimpleTokenizer``), the word tokenizer and a SentencePiece model trained
@@ -86,16 +93,50 @@ def _photo_bytes(n: int, photo_size: int):
         yield f"{i:09d}", buf.getvalue(), f"photo number {i}"
 
 
+_SHARD_GLOBS = {"webdataset": "shard-*.tar", "parquet": "part-*.parquet",
+                "array_record": "bench-train.array_record-*", "tfrecord": "bench-train.tfrecord-*"}
+
+
 def _make_shards(root: str, fmt: str, n: int, photo_size: int, per_shard: int = 256) -> str:
-    """img2dataset-style shards of the generated photos under ``root``; returns their glob."""
+    """Shards of the generated photos under ``root`` (img2dataset-style tars / parquet, TFDS-style
+    array_record / TFRecord with their features.json); returns their glob."""
     import io
+    import struct
     import tarfile
 
     os.makedirs(root, exist_ok=True)
     samples = list(_photo_bytes(n, photo_size))
+    features = None
+    if fmt in ("array_record", "tfrecord"):
+        import tensorflow_datasets as tfds
+
+        features = tfds.features.FeaturesDict({"image": tfds.features.Tensor(shape=(), dtype=np.object_),
+                                               "caption": tfds.features.Text(), "key": tfds.features.Text()})
+        features.save_config(root)
+    shards = -(-n // per_shard)
     for s in range(0, n, per_shard):
         chunk = samples[s:s + per_shard]
-        if fmt == "webdataset":
+        if features is not None:
+            raws = [features.serialize_example({"image": jpg, "caption": caption, "key": key})
+                    for key, jpg, caption in chunk]
+            name = os.path.join(root, _SHARD_GLOBS[fmt].replace("*", f"{s // per_shard:05d}-of-{shards:05d}"))
+            if fmt == "array_record":
+                from array_record.python.array_record_module import ArrayRecordWriter
+
+                writer = ArrayRecordWriter(name, "group_size:1")
+                for raw in raws:
+                    writer.write(raw)
+                writer.close()
+            else:
+                from contrastive_jax.data.streaming import _crc32c_module, _masked_crc
+
+                crc = _crc32c_module()
+                with open(name, "wb") as fh:
+                    for raw in raws:
+                        head = struct.pack("<Q", len(raw))
+                        fh.write(head + struct.pack("<I", _masked_crc(crc, head)) + raw +
+                                 struct.pack("<I", _masked_crc(crc, raw)))
+        elif fmt == "webdataset":
             with tarfile.open(os.path.join(root, f"shard-{s // per_shard:05d}.tar"), "w") as tar:
                 for key, jpg, caption in chunk:
                     for ext, payload in (("jpg", jpg), ("txt", caption.encode())):
@@ -109,14 +150,11 @@ def _make_shards(root: str, fmt: str, n: int, photo_size: int, per_shard: int = 
             pq.write_table(pa.table({"key": [k for k, _, _ in chunk], "jpg": [j for _, j, _ in chunk],
                                      "caption": [c for _, _, c in chunk]}),
                            os.path.join(root, f"part-{s // per_shard:05d}.parquet"))
-    return os.path.join(root, "shard-*.tar" if fmt == "webdataset" else "part-*.parquet")
+    return os.path.join(root, _SHARD_GLOBS[fmt])
 
 
-def _upload_to_loopback_s3(pattern: str):
-    """Starts moto's S3 server on 127.0.0.1, uploads the files of ``pattern`` into a bucket and
-    returns ``(server, s3 glob)``; the environment points fsspec/s3fs at it."""
-    import glob
-
+def _start_loopback_s3():
+    """Starts moto's S3 server on 127.0.0.1 and points fsspec/s3fs at it (environment)."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -124,13 +162,23 @@ def _upload_to_loopback_s3(pattern: str):
     host, port = server.get_host_and_port()
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                       AWS_ENDPOINT_URL_S3=f"http://{host}:{port}")
+    return server
+
+
+def _upload_to_loopback_s3(pattern: str, bucket: str = "bench-shards"):
+    """Uploads the files of ``pattern`` (and the features.json beside them) into ``bucket`` of the
+    loopback server (:func:`_start_loopback_s3`); returns the s3 glob."""
+    import glob
+
     from contrastive_jax import storage
 
-    fs, _ = storage.filesystem("s3://bench-shards")
-    fs.mkdir("bench-shards")
-    for path in sorted(glob.glob(pattern)):
-        fs.put_file(path, f"bench-shards/{os.path.basename(path)}")
-    return server, "s3://bench-shards/" + os.path.basename(pattern)
+    fs, _ = storage.filesystem(f"s3://{bucket}")
+    fs.mkdir(bucket)
+    folder = os.path.dirname(pattern)
+    extra = [os.path.join(folder, "features.json")] if os.path.exists(os.path.join(folder, "features.json")) else []
+    for path in sorted(glob.glob(pattern)) + extra:
+        fs.put_file(path, f"{bucket}/{os.path.basename(path)}")
+    return f"s3://{bucket}/" + os.path.basename(pattern)
 
 
 def _captions(n: int, seed: int = 0) -> list[str]:
@@ -199,16 +247,43 @@ def bench_tokenizers(args) -> dict:
             "machine": platform.machine(), "results": results}
 
 
+_STREAMED = ("webdataset", "parquet", "array_record", "tfrecord")
+
+
+def _time_iterator(cfg, tokenizer, args) -> float:
+    """examples/s of ``data.make_train_iterator(cfg)`` over --batches after --warmup batches."""
+    from contrastive_jax import data
+
+    it = data.make_train_iterator(cfg, tokenizer=tokenizer, global_batch_size=args.batch, process_index=0,
+                                  process_count=1)
+    for _ in range(args.warmup):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(args.batches):
+        next(it)
+    dt = time.perf_counter() - t0
+    del it
+    return round(args.batch * args.batches / dt, 1)
+
+
+def _streamed_settings(cfg, workers: int) -> dict:
+    """Worker count -> the stream's threads: 0 = all in the consumer's thread, n = a prefetch
+    thread with n decode threads."""
+    cfg.read_threads, cfg.prefetch_batches = max(workers, 1), (4 if workers else 0)
+    return {"workers": workers, "read_threads": int(cfg.read_threads), "prefetch_batches": int(cfg.prefetch_batches)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizers", action="store_true", help="captions/s of each tokenizer instead")
     p.add_argument("--captions", type=int, default=20000, help="--tokenizers: number of captions")
-    p.add_argument("--rounds", type=int, default=3, help="--tokenizers: interleaved rounds (best reported)")
+    p.add_argument("--rounds", type=int, default=3, help="--tokenizers, streamed formats: interleaved rounds "
+                   "(best reported)")
     p.add_argument("--vocab", default=None, help="--tokenizers: CLIP's bpe_simple_vocab_16e6.txt.gz "
                    "(default: open_clip's packaged file)")
-    p.add_argument("--dataset", choices=("shapes", "jpeg", "webdataset", "parquet"), default="shapes")
-    p.add_argument("--s3", action="store_true", help="webdataset/parquet: read the shards from a loopback S3 server")
-    p.add_argument("--workers", default="0,1,2", help="comma-separated grain worker counts")
+    p.add_argument("--dataset", choices=("shapes", "jpeg", *_STREAMED, "sources"), default="shapes")
+    p.add_argument("--s3", action="store_true", help="streamed formats: read the shards from a loopback S3 server")
+    p.add_argument("--workers", default="0,1,2", help="comma-separated grain worker counts (streamed: see above)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--batches", type=int, default=20, help="timed batches per worker count")
     p.add_argument("--warmup", type=int, default=3)
@@ -218,6 +293,8 @@ def main() -> None:
     p.add_argument("--recipe", choices=("none", "simclr"), default="none")
     p.add_argument("--views", type=int, default=1)
     p.add_argument("--data-dir", default=None, help="shapes: where it is (default: the config's)")
+    p.add_argument("--consumption", type=float, default=350.0,
+                   help="examples/s the quickstart train step consumes on this machine (README: ~320-350)")
     args = p.parse_args()
     if args.tokenizers:
         print(json.dumps(bench_tokenizers(args), indent=1))
@@ -230,49 +307,70 @@ def main() -> None:
     config = load_config(os.path.join(here, "..", "configs", "quickstart.py"))
     cfg = config.data
     tmp = server = None
-    streamed = args.dataset in ("webdataset", "parquet")
-    if streamed:
-        tmp = tempfile.TemporaryDirectory()
-        pattern = _make_shards(os.path.join(tmp.name, "shards"), args.dataset, args.num_photos, args.photo_size)
-        if args.s3:
-            server, pattern = _upload_to_loopback_s3(pattern)
-        cfg.name, cfg.sources, cfg.image_size = "sources", ({"path": pattern, "format": args.dataset},), args.image_size
-    elif args.dataset == "jpeg":
-        tmp = tempfile.TemporaryDirectory()
-        cfg.name, cfg.data_dir = "bench_photos", _make_jpeg_dataset(tmp.name, args.num_photos, args.photo_size)
-        cfg.image_size = args.image_size
-    elif args.data_dir:
-        cfg.data_dir = args.data_dir
+    workers_list = [int(w) for w in args.workers.split(",")]
+    streamed = args.dataset in (*_STREAMED, "sources")
     cfg.num_views = args.views
     if args.recipe == "simclr":
         cfg.augment.update(crop="random_resized_crop", flip_prob=0.5, jitter_prob=0.8,
                            grayscale_prob=0.2, blur_prob=0.5)
-    tokenizer = data.build_tokenizer(cfg)
     results = []
-    for workers in (int(w) for w in args.workers.split(",")):
-        if streamed:
-            cfg.read_threads = max(workers, 1)
-        else:
+    if streamed:
+        tmp = tempfile.TemporaryDirectory()
+        formats = _STREAMED if args.dataset == "sources" else (args.dataset,)
+        places = ("local", "s3") if args.dataset == "sources" else ("s3" if args.s3 else "local",)
+        if "s3" in places:
+            import logging
+
+            logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
+            server = _start_loopback_s3()
+        patterns = {}
+        for fmt in formats:
+            local = _make_shards(os.path.join(tmp.name, fmt), fmt, args.num_photos, args.photo_size)
+            patterns[fmt, "local"] = local
+            if "s3" in places:
+                patterns[fmt, "s3"] = _upload_to_loopback_s3(local, bucket="bench-" + fmt.replace("_", "-"))
+        cfg.name, cfg.image_size = "sources", args.image_size
+        cfg.sources = ({"path": patterns[formats[0], places[0]], "format": formats[0]},)
+        tokenizer = data.build_tokenizer(cfg)  # one vocabulary (the captions are the same in every format)
+        rows = {}
+        # Rounds interleave every setting, so a burst of load on the shared machine hits all of them;
+        # the best round of each is reported (the slower ones measure the neighbours).
+        for _ in range(args.rounds):
+            for fmt in formats:
+                for place in places:
+                    cfg.sources = ({"path": patterns[fmt, place], "format": fmt},)
+                    for workers in workers_list:
+                        row = rows.setdefault((fmt, place, workers), {
+                            "format": fmt, "storage": "s3 (moto on 127.0.0.1)" if place == "s3" else "local disk",
+                            **_streamed_settings(cfg, workers), "rounds_examples_per_s": []})
+                        _streamed_settings(cfg, workers)
+                        row["rounds_examples_per_s"].append(_time_iterator(cfg, tokenizer, args))
+        for row in rows.values():
+            row["examples_per_s"] = max(row["rounds_examples_per_s"])
+            row["x_quickstart_consumption"] = round(row["examples_per_s"] / args.consumption, 2)
+            results.append(row)
+    else:
+        if args.dataset == "jpeg":
+            tmp = tempfile.TemporaryDirectory()
+            cfg.name, cfg.data_dir = "bench_photos", _make_jpeg_dataset(tmp.name, args.num_photos, args.photo_size)
+            cfg.image_size = args.image_size
+        elif args.data_dir:
+            cfg.data_dir = args.data_dir
+        tokenizer = data.build_tokenizer(cfg)
+        for workers in workers_list:
             cfg.worker_count = workers
-        it = data.make_train_iterator(cfg, tokenizer=tokenizer, global_batch_size=args.batch,
-                                      process_index=0, process_count=1)
-        for _ in range(args.warmup):
-            next(it)
-        t0 = time.perf_counter()
-        for _ in range(args.batches):
-            next(it)
-        dt = time.perf_counter() - t0
-        results.append({"read_threads" if streamed else "workers": max(workers, 1) if streamed else workers,
-                        "examples_per_s": round(args.batch * args.batches / dt, 1)})
-        del it
+            rate = _time_iterator(cfg, tokenizer, args)
+            results.append({"workers": workers, "examples_per_s": rate,
+                            "x_quickstart_consumption": round(rate / args.consumption, 2)})
     print(json.dumps({
-        "benchmark": "data_pipeline", "dataset": args.dataset, "batch": args.batch,
+        "benchmark": "data_pipeline", "dataset": args.dataset, "batch": args.batch, "batches": args.batches,
+        "rounds": args.rounds if streamed else 1,
         "image_size": int(cfg.image_size), "recipe": args.recipe, "views": args.views,
         "photo_size": args.photo_size if args.dataset != "shapes" else None,
-        "source": ("s3 (moto on 127.0.0.1)" if args.s3 else "local disk") if streamed else None,
+        "num_photos": args.num_photos if args.dataset != "shapes" else None,
         "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
         "machine": platform.machine(), "results": results,
-        "quickstart_consumption_examples_per_s": 350,
+        "quickstart_consumption_examples_per_s": args.consumption,
     }, indent=1))
     if server is not None:
         server.stop()

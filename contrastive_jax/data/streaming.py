@@ -1,4 +1,4 @@
-"""Streaming sources: WebDataset, Parquet and ArrayRecord shards read in place, local or remote.
+"""Streaming sources: WebDataset, Parquet, TFRecord and ArrayRecord shards read in place, local or remote.
 
 ``config.data.name = 'sources'`` with ``config.data.sources = [{path, format, weight}, ...]``
 trains on img2dataset-style shards with no conversion step. Shards are opened through
@@ -21,6 +21,8 @@ number of hosts P (any P dividing L gives the same global batches). The iterator
 the mixture counters and per source the window's start (epoch, shard slot, record offset), the
 window index and the records taken from it -- is a small JSON dict saved in every checkpoint;
 restoring re-reads at most one window per (lane, source) and continues exactly.
+:func:`stream_dataset` offers the same batches as a ``grain.IterDataset`` (grain transforms and
+checkpointing on top).
 """
 from __future__ import annotations
 
@@ -48,12 +50,13 @@ from contrastive_jax import storage
 log = logging.getLogger("contrastive_jax.data")
 
 STREAM_NAME = "sources"  # config.data.name that selects config.data.sources
-FORMATS = ("webdataset", "parquet", "array_record")
+FORMATS = ("webdataset", "parquet", "tfrecord", "array_record")
 _SOURCE_KEYS = ("path", "format", "weight", "name", "image_key", "text_key", "filters")
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 # Defaults of each format's fields: webdataset = file extensions inside a sample, parquet =
 # columns (img2dataset's parquet output stores the image bytes as 'jpg' next to 'caption').
-_FIELD_DEFAULTS = {"webdataset": ("", "txt"), "parquet": ("jpg", "caption"), "array_record": ("", "")}
+_FIELD_DEFAULTS = {"webdataset": ("", "txt"), "parquet": ("jpg", "caption"), "tfrecord": ("", ""),
+                   "array_record": ("", "")}
 _BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 # Waits before the 2nd, 3rd, ... try of a shard that failed to open or read; tests shorten them.
 RETRY_DELAYS_S = (0.5, 2.0)
@@ -203,6 +206,8 @@ def _infer_format(shards: Sequence[str], where: str) -> str:
         return "parquet"
     if all(".array_record" in posixpath.basename(s) for s in shards):
         return "array_record"
+    if all(".tfrecord" in posixpath.basename(s) for s in shards):  # NAME-train.tfrecord-00000-of-00004, 00000.tfrecord
+        return "tfrecord"
     raise ValueError(f"{where}.format is not set and the shards' extensions {sorted(exts)} do not tell it; "
                      f"set it to one of {', '.join(FORMATS)}")
 
@@ -210,12 +215,14 @@ def _infer_format(shards: Sequence[str], where: str) -> str:
 def parse_sources(sources: Any, field: str = "config.data.sources") -> list[SourceSpec]:
     """Validates ``config.data.sources`` (or ``eval_sources``) and lists every source's shards.
 
-    Each entry: ``path`` (required), ``format`` (``webdataset`` | ``parquet`` | ``array_record``;
-    default from the file names), ``weight`` (> 0, default 1), ``name`` (default ``source<i>``;
-    metrics use it), ``image_key`` / ``text_key`` (webdataset: extensions, default any of
-    jpg/jpeg/png/webp and ``txt`` falling back to the ``caption`` of ``.json``; parquet: columns,
-    default ``jpg`` and ``caption``; array_record: TFDS features, default ``image`` and
-    ``caption`` / ``captions``), ``filters`` (see :func:`parse_filters`). Raises ValueError naming
+    Each entry: ``path`` (required), ``format`` (``webdataset`` | ``parquet`` | ``tfrecord`` |
+    ``array_record``; default from the file names), ``weight`` (> 0, default 1), ``name`` (default
+    ``source<i>``; metrics use it), ``image_key`` / ``text_key`` (webdataset: extensions, default any
+    of jpg/jpeg/png/webp and ``txt`` falling back to the ``caption`` of ``.json``; parquet: columns,
+    default ``jpg`` and ``caption``; array_record and TFDS-written tfrecord: TFDS features, default
+    ``image`` and ``caption`` / ``captions``; other tfrecord (img2dataset's): ``tf.train.Example``
+    features, default the first of jpg/jpeg/png/webp/image and ``txt`` / ``caption``),
+    ``filters`` (see :func:`parse_filters`). Raises ValueError naming
     the entry and field.
     """
     specs: list[SourceSpec] = []
@@ -232,6 +239,11 @@ def parse_sources(sources: Any, field: str = "config.data.sources") -> list[Sour
         fmt = str(entry.get("format") or _infer_format(shards, where))
         if fmt not in FORMATS:
             raise ValueError(f"{where}.format={fmt!r}; valid: {', '.join(FORMATS)}")
+        if fmt == "tfrecord":
+            try:
+                _crc32c_module()
+            except ImportError as e:
+                raise ValueError(f"{where}.format='tfrecord': {e}") from None
         weight = float(entry.get("weight", 1.0))
         if not (math.isfinite(weight) and weight > 0):
             raise ValueError(f"{where}.weight={entry.get('weight')!r} must be a positive number")
@@ -369,9 +381,140 @@ def read_array_record(path: str, spec: SourceSpec, start: int = 0) -> Iterator[d
     with the dataset's features without TensorFlow; encoded images stay bytes. Remote shards are
     downloaded to a temporary file first (ArrayRecord reads local files)."""
     from array_record.python.array_record_module import ArrayRecordReader
+
+    parse = _tfds_record_parser(_shard_folder(path), path, spec)
+    with storage.reading_locally(path) as local:
+        reader = ArrayRecordReader(local)
+        try:
+            total = reader.num_records()
+            for lo in range(start, total, 64):
+                for i, raw in enumerate(reader.read(list(range(lo, min(lo + 64, total))))):
+                    yield parse(raw, lo + i)
+        finally:
+            reader.close()
+
+
+class TFRecordError(ValueError):
+    """A TFRecord shard whose framing is broken: a length or payload CRC mismatch, or a file cut
+    mid-record. Like any read error, the shard is retried, then the rest of it skipped and counted."""
+
+
+def _crc32c_module():
+    try:
+        import crc32c
+    except ImportError:
+        raise ImportError("format 'tfrecord' checks every record's CRC-32C with the crc32c package: "
+                          "pip install 'contrastive_jax[tfrecord]' (or: pip install crc32c)") from None
+    return crc32c
+
+
+def _masked_crc(crc32c, data) -> int:
+    """TFRecord's masked CRC-32C of ``data`` (rotated right by 15 bits plus a constant, so that a
+    CRC stored inside CRC'd data does not cancel out)."""
+    crc = crc32c.crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord_payloads(fh, path: str, start: int = 0) -> Iterator[bytes]:
+    """The records of an open TFRecord file ``fh`` (binary, positioned at its start) from record
+    ``start`` on, as bytes. Framing per record: ``uint64 length``, ``uint32 masked_crc(length)``,
+    ``length`` bytes, ``uint32 masked_crc(payload)`` (all little-endian); both CRCs are checked
+    (the records before ``start`` are seeked over: only their length CRC is checked).
+    Raises :class:`TFRecordError` naming ``path`` and the record index on any framing error."""
+    for _, payload in _tfrecord_frames(fh, path, start):
+        yield payload
+
+
+def count_tfrecord(fh, path: str) -> int:
+    """Records in an open TFRecord file, seeking over the payloads (length CRCs checked)."""
+    return sum(1 for _ in _tfrecord_frames(fh, path, -1))
+
+
+def _tfrecord_frames(fh, path: str, start: int) -> Iterator[tuple[int, bytes | None]]:
+    """``(index, payload)`` from record ``start`` on; ``start < 0``: every record seeked over,
+    ``(index, None)``."""
+    import struct
+
+    crc32c = _crc32c_module()
+    index = 0
+    while True:
+        head = fh.read(12)
+        if not head:
+            return
+        if len(head) < 12:
+            raise TFRecordError(f"{path}: record {index}: file ends inside the record header (truncated)")
+        length, length_crc = struct.unpack("<QI", head)
+        if _masked_crc(crc32c, head[:8]) != length_crc:
+            raise TFRecordError(f"{path}: record {index}: length CRC mismatch (corrupt or not a TFRecord file)")
+        if start < 0 or index < start:
+            here = fh.tell()
+            if not _has_bytes_at(fh, here + length + 4):
+                raise TFRecordError(f"{path}: record {index}: file ends inside the record (truncated)")
+            if start < 0:
+                yield index, None
+        else:
+            body = fh.read(length + 4)
+            if len(body) < length + 4:
+                raise TFRecordError(f"{path}: record {index}: file ends inside the record ({len(body)} of "
+                                    f"{length + 4} bytes, truncated)")
+            payload = body[:length]
+            if _masked_crc(crc32c, payload) != struct.unpack("<I", body[length:])[0]:
+                raise TFRecordError(f"{path}: record {index}: payload CRC mismatch (corrupt)")
+            yield index, payload
+        index += 1
+
+
+def _has_bytes_at(fh, end: int) -> bool:
+    """Whether the file is at least ``end`` bytes long (a seek past the end succeeds silently)."""
+    fh.seek(end - 1)
+    ok = len(fh.read(1)) == 1
+    fh.seek(end)
+    return ok
+
+
+_EXAMPLE_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "image")
+_EXAMPLE_TEXT_KEYS = ("txt", "caption")
+
+
+def _example_features(raw: bytes) -> dict[str, Any]:
+    """A serialized ``tf.train.Example`` -> ``{name: bytes | int | float | list}`` (a one-element
+    list becomes its element), through TFDS's copy of the proto (no TensorFlow)."""
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    out = {}
+    for name, feature in tf_example_pb2.Example.FromString(raw).features.feature.items():
+        kind = feature.WhichOneof("kind")
+        values = list(getattr(feature, kind).value) if kind else []
+        out[name] = values[0] if len(values) == 1 else values
+    return out
+
+
+def _example_record(raw: bytes, path: str, index: int, spec: SourceSpec) -> dict:
+    """img2dataset's tfrecord layout: ``key``, the image bytes (``jpg`` ...), the caption (``txt``)
+    and its metadata (``width``, ``similarity``, ``url`` ...) as features of a ``tf.train.Example``;
+    the other features become the record's ``json`` (for filters)."""
+    features = _example_features(raw)
+    image_key = spec.image_key or next((k for k in _EXAMPLE_IMAGE_KEYS if k in features), "")
+    text_key = spec.text_key or next((k for k in _EXAMPLE_TEXT_KEYS if k in features), "txt")
+    caption = features.get(text_key, b"")
+    key = features.get("key", f"{posixpath.basename(path)}:{index}")
+    record: dict[str, Any] = {
+        "key": key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key),
+        "caption": caption.decode("utf-8", "replace") if isinstance(caption, bytes) else caption,
+        "json": {k: v.decode("utf-8", "replace") if isinstance(v, bytes) else v for k, v in features.items()
+                 if k not in (image_key, text_key, "key")},
+        "_bytes": len(raw)}
+    image = features.get(image_key)
+    if isinstance(image, bytes) and image:
+        record["image"] = image  # absent: counted as a bad record by the pipeline
+    return record
+
+
+def _tfds_record_parser(folder: str, path: str, spec: SourceSpec):
+    """``(raw, index) -> record`` for a TFDS dataset folder's shards (its ``features.json``):
+    examples parsed with the dataset's features without TensorFlow; encoded images stay bytes."""
     import tensorflow_datasets as tfds
 
-    folder = path.rsplit("/", 1)[0] if storage.is_remote(path) else posixpath.dirname(path)
     features = _tfds_features(folder)
     names = list(features.keys())
     image_key = spec.image_key or "image"
@@ -380,24 +523,42 @@ def read_array_record(path: str, spec: SourceSpec, start: int = 0) -> Iterator[d
         raise ValueError(f"{path}: features {names} lack image_key={image_key!r} or text_key={text_key!r}; set them "
                          f"for source {spec.name!r} in config.data.sources")
     decoders = {k: tfds.decode.SkipDecoding() for k in names if isinstance(features[k], tfds.features.Image)}
-    with storage.reading_locally(path) as local:
-        reader = ArrayRecordReader(local)
-        try:
-            total = reader.num_records()
-            for lo in range(start, total, 64):
-                for i, raw in enumerate(reader.read(list(range(lo, min(lo + 64, total))))):
-                    ex = features.deserialize_example_np(raw, decoders=decoders)
-                    yield {"image": ex[image_key], "caption": ex[text_key], "json": {},
-                           "key": str(ex.get("key", f"{posixpath.basename(path)}:{lo + i}")), "_bytes": len(raw)}
-        finally:
-            reader.close()
+
+    def parse(raw: bytes, index: int) -> dict:
+        ex = features.deserialize_example_np(raw, decoders=decoders)
+        key = ex.get("key", f"{posixpath.basename(path)}:{index}")  # a Text feature comes back as bytes
+        return {"image": ex[image_key], "caption": ex[text_key], "json": {}, "_bytes": len(raw),
+                "key": key.decode("utf-8", "replace") if isinstance(key, (bytes, np.bytes_)) else str(key)}
+
+    return parse
 
 
-_READERS = {"webdataset": read_webdataset, "parquet": read_parquet, "array_record": read_array_record}
+def _shard_folder(path: str) -> str:
+    return path.rsplit("/", 1)[0] if storage.is_remote(path) else posixpath.dirname(path)
+
+
+def read_tfrecord(path: str, spec: SourceSpec, start: int = 0) -> Iterator[dict]:
+    """The records of one TFRecord shard in file order from record ``start``, read as a stream
+    (remote shards are not downloaded whole), every record's CRCs checked
+    (:func:`tfrecord_payloads`). Written by TFDS (a ``features.json`` beside the shard): parsed
+    with the dataset's features; otherwise ``tf.train.Example`` as img2dataset writes it
+    (:func:`_example_record`). No TensorFlow either way."""
+    folder = _shard_folder(path)
+    tfds_written = storage.isfile(storage.join(folder, "features.json"))
+    parse = _tfds_record_parser(folder, path, spec) if tfds_written else \
+        (lambda raw, i: _example_record(raw, path, i, spec))
+    with storage.open(path, "rb") as fh:
+        for i, raw in enumerate(tfrecord_payloads(fh, path, start), start):
+            yield parse(raw, i)
+
+
+_READERS = {"webdataset": read_webdataset, "parquet": read_parquet, "tfrecord": read_tfrecord,
+            "array_record": read_array_record}
 
 
 def count_records(spec: SourceSpec) -> int:
-    """Records in all of a source's shards (parquet, array_record: from their indexes; tars: reads them)."""
+    """Records in all of a source's shards (parquet, array_record: from their indexes; tars and
+    tfrecord: reads their framing)."""
     total = 0
     for path in spec.shards:
         if spec.format == "parquet":
@@ -412,6 +573,9 @@ def count_records(spec: SourceSpec) -> int:
                 reader = ArrayRecordReader(local)
                 total += reader.num_records()
                 reader.close()
+        elif spec.format == "tfrecord":
+            with storage.open(path, "rb") as fh:
+                total += count_tfrecord(fh, path)
         else:
             total += sum(1 for _ in read_webdataset(path, spec))
     return total
@@ -436,6 +600,8 @@ def read_shard(path: str, spec: SourceSpec, skip: int, stats: ShardReadStats | N
                 given += 1
                 yield record
             return
+        except ImportError:  # a missing package is not a bad shard: every shard would fail the same way
+            raise
         except Exception as e:  # noqa: BLE001 - any failure of one shard (OSError, tarfile, pyarrow, botocore)
             # A failure that repeats (a missing column, no credentials) ends up skipped and logged
             # too; a source whose every shard fails stops the stream (LaneSource) with this error.
@@ -953,3 +1119,79 @@ def stream_entry(data_config):
 
     return DatasetEntry(prepare=prepare, vocabulary_texts=_vocabulary_texts, image_key="image", text_key="caption",
                         key_field="key")
+
+
+# ----------------------------------------------------------------------------------------------
+# The stream as a grain IterDataset
+# ----------------------------------------------------------------------------------------------
+
+
+_GRAIN_CLASSES: tuple | None = None
+
+
+def _grain_classes():
+    """``(StreamDataset, StreamDatasetIterator)``, defined on first use so that importing this
+    module does not import grain."""
+    global _GRAIN_CLASSES
+    if _GRAIN_CLASSES is None:
+        import grain
+
+        class StreamDatasetIterator(grain.DatasetIterator):
+            """A grain ``DatasetIterator`` over a :class:`StreamIterator`: ``get_state`` is the
+            stream's whole state (lanes, readers, mixture counters, counters); ``set_state`` works
+            at any time (after batches were taken it starts a fresh stream there)."""
+
+            def __init__(self, make):
+                super().__init__()
+                self._make, self._stream, self._started = make, make(), False
+
+            def __next__(self):
+                self._started = True
+                return next(self._stream)
+
+            def get_state(self) -> dict:
+                return self._stream.get_state()
+
+            def set_state(self, state: dict) -> None:
+                if self._started:  # the prefetch thread is ahead: replace the stream
+                    self._stream, self._started = self._make(), False
+                self._stream.set_state(state)
+
+            def stats(self) -> dict[str, float]:
+                return self._stream.stats()
+
+        class StreamDataset(grain.IterDataset):
+            """This host's batches of ``config.data.sources`` as a grain ``IterDataset``: compose
+            grain transforms on it (``.map``, ``.filter``, ...) and checkpoint the composed
+            iterator with grain's ``get_state`` / ``set_state`` or its orbax handler; the state
+            is the stream's (exact resume, see :class:`StreamIterator`)."""
+
+            def __init__(self, make):
+                super().__init__()
+                self._make = make
+
+            def __iter__(self):
+                return StreamDatasetIterator(self._make)
+
+        _GRAIN_CLASSES = (StreamDataset, StreamDatasetIterator)
+    return _GRAIN_CLASSES
+
+
+def stream_dataset(data_config, *, tokenizer, global_batch_size: int, seed: int | None = None,
+                   process_index: int | None = None, process_count: int | None = None):
+    """``grain.IterDataset`` whose elements are the host batches of
+    :func:`contrastive_jax.data.pipeline.make_train_iterator` for ``config.data.name='sources'``
+    (same arguments, same batches: dicts of ``image`` float32 [b, S, S, 3], ``text`` int32
+    [b, max_len], ...). Each ``iter()`` starts a new stream from the beginning; its iterator's
+    ``get_state()`` is the stream's JSON state, which ``set_state`` restores exactly."""
+    from contrastive_jax.data.pipeline import make_train_iterator
+
+    if str(data_config.name) != STREAM_NAME:
+        raise ValueError(f"stream_dataset needs config.data.name='{STREAM_NAME}' (got {data_config.name!r})")
+
+    def make():
+        return make_train_iterator(data_config, tokenizer=tokenizer, global_batch_size=global_batch_size, seed=seed,
+                                   process_index=process_index, process_count=process_count)
+
+    make().get_state()  # checks the config now (paths, lanes), not at the first next()
+    return _grain_classes()[0](make)

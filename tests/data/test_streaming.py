@@ -1,6 +1,7 @@
-"""Streaming sources (config.data.sources): WebDataset tars and Parquet shards read in place,
-exact resume from the iterator state, weighted mixtures, per-host lanes, s3:// over loopback HTTP,
-and a quickstart-tiny training run whose only data is a folder of tars."""
+"""Streaming sources (config.data.sources): WebDataset tars, Parquet, TFRecord and ArrayRecord
+shards read in place, exact resume from the iterator state, weighted mixtures, per-host lanes,
+s3:// over loopback HTTP, and quickstart-tiny training runs whose only data is a folder of tars
+(also SIGKILLed twice and resumed) or of TFDS-written TFRecords."""
 import io
 import json
 import os
@@ -106,7 +107,7 @@ def test_paths_braces_globs_and_config_errors(tars):
     assert by_glob.format == "webdataset" and by_glob.weight == 2.0
     for bad, words in [({"path": folder + "/*.zip"}, "matches no files"),
                        ({"path": folder + "/shard-00009.tar"}, "no such file"),
-                       ({"path": tars["a"], "format": "tfrecord"}, "format='tfrecord'; valid"),
+                       ({"path": tars["a"], "format": "tfrecords"}, "format='tfrecords'; valid"),
                        ({"path": tars["a"], "weight": 0}, "weight=0 must be a positive"),
                        ({"path": tars["a"], "colour": 1}, "unknown key(s) ['colour']")]:
         with pytest.raises(ValueError, match=r"config\.data\.sources\[0\]") as e:
@@ -475,3 +476,214 @@ def test_two_real_processes_save_a_state_that_restores_one(tars, tmp_path):
             np.testing.assert_array_equal(np.concatenate([h[f"{key}{step}"] for h in halves]), batch[key])
     # ... and the same rows as a one-process run from the start.
     _same([next(one)], _take(_iterator(cfg, batch=8), 5)[4:])
+
+
+def test_sigkilled_twice_on_tars_resumes_to_the_uninterrupted_params(run_data, tmp_path):
+    """`contrastive-jax train` on a folder of tars, SIGKILLed twice (each time right after a new
+    checkpoint is on disk, the prefetch thread ahead of the step), re-run to the end: the final
+    params are the uninterrupted in-process run's, bitwise, and so is every logged loss."""
+    import signal
+    import subprocess
+    import sys
+
+    import jax
+
+    from tests.train.test_resilience import _env, _final_params, _wait_for_checkpoint
+    from tests.train.test_train import REPO, _read_metrics
+
+    train_paths, eval_paths, straight = run_data
+    sources = [{"path": os.path.join(os.path.dirname(train_paths[0]), "*.tar"), "name": "tars"}]
+    # The CLI form of _run_config(...) (the straight run), plus a checkpoint every 2 steps.
+    cmd = [sys.executable, "-m", "contrastive_jax.cli", "train", "--config",
+           os.path.join(REPO, "configs", "quickstart.py:tiny"), "--workdir", str(tmp_path / "killed"),
+           *[f"--config.{o}" for o in ("log.progress=false", "log.tensorboard=false", "data.name=sources",
+                                       "train.total_steps=8", "eval.every_steps=0", "eval.evaluators=['retrieval']",
+                                       "data.shuffle_buffer=16", "checkpoint.every_steps=2",
+                                       "train.log_every_steps=1")],
+           f"--config.data.sources={sources!r}", f"--config.data.eval_sources={[{'path': eval_paths}]!r}"]
+    ckpt_dir = tmp_path / "killed" / "checkpoints"
+    killed_at = []
+    for at_least in (2, 4):
+        proc = subprocess.Popen(cmd, env=_env(8), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            killed_at.append(_wait_for_checkpoint(proc, ckpt_dir, at_least))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        assert proc.returncode == -signal.SIGKILL, killed_at  # killed, not finished on its own
+        assert killed_at[-1] < 8, killed_at
+    last = subprocess.run(cmd, env=_env(8), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert "Resuming from step" in last.stderr, (killed_at, last.stderr[-2000:])
+    a, b = _final_params(straight, 8), _final_params(str(tmp_path / "killed"), 8)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), (jax.tree_util.keystr(path), killed_at)
+    # Steps re-run after a kill log again (the later line wins); the straight run logged steps 5, 8.
+    straight_logs = {m["step"]: m for m in _read_metrics(straight) if "train/loss" in m}
+    killed_logs = {m["step"]: m for m in _read_metrics(str(tmp_path / "killed")) if "train/loss" in m}
+    assert set(killed_logs) == set(range(1, 9)) and set(straight_logs) == {5, 8}, sorted(killed_logs)
+    for step in straight_logs:
+        for key in ("train/loss", "train/data/tars/examples", "train/data/skipped/undecodable"):
+            assert killed_logs[step][key] == straight_logs[step][key], (step, key, killed_at)
+
+
+def _write_img2dataset_tfrecords(folder, n_shards, per_shard):
+    """img2dataset's tfrecord layout, written by the ``tfrecord`` package (an independent
+    TFRecord writer): ``key``, ``png`` image bytes, ``txt`` caption and metadata features.
+    Returns ``(paths, {key: (png bytes, caption, similarity, width)})``."""
+    tfrecord = pytest.importorskip("tfrecord", reason="the tfrecord package writes this test's TFRecord shards")
+    os.makedirs(folder, exist_ok=True)
+    paths, written = [], {}
+    for s in range(n_shards):
+        paths.append(os.path.join(folder, f"{s:05d}.tfrecord"))
+        writer = tfrecord.TFRecordWriter(paths[-1])
+        for j in range(per_shard):
+            i = s * per_shard + j
+            color, caption = _sample(i, "")
+            key = f"{s:05d}{j:04d}"
+            written[key] = (_png(COLORS[color]), caption, (i % 10) / 10, 16 + 16 * (i % 2))
+            writer.write({"key": (key.encode(), "byte"), "png": (written[key][0], "byte"),
+                          "txt": (caption.encode(), "byte"), "similarity": (written[key][2], "float"),
+                          "width": (written[key][3], "int"), "height": (16, "int")})
+        writer.close()
+    return paths, written
+
+
+def test_tfrecord_shards_of_img2dataset_read_as_written_and_bad_framing_is_a_bad_shard(tmp_path, monkeypatch):
+    paths, written = _write_img2dataset_tfrecords(str(tmp_path / "tfr"), 2, 6)
+    spec = streaming.parse_sources([{"path": str(tmp_path / "tfr" / "*.tfrecord")}])[0]
+    assert spec.format == "tfrecord" and streaming.count_records(spec) == 12
+    records = [r for p in paths for r in streaming.read_shard(p, spec, 0)]
+    assert [r["key"] for r in records] == sorted(written)
+    for r in records:
+        png, caption, similarity, width = written[r["key"]]
+        assert r["image"] == png and r["caption"] == caption and r["json"]["width"] == width
+        assert r["json"]["similarity"] == np.float32(similarity)  # a float_list holds float32
+    assert [r["key"] for r in streaming.read_shard(paths[1], spec, 4)] == sorted(written)[10:]
+    # Metadata filters see the Example's other features, as they see img2dataset's .json.
+    kept = streaming.parse_sources([{"path": paths, "filters": ["json.similarity >= 0.5", "json.width < 20"]}])[0]
+    assert [r["key"] for p in paths for r in streaming.read_shard(p, kept, 0) if streaming.passes_filters(
+        r, kept.filters)] == [k for k in sorted(written) if written[k][2] >= 0.5 - 1e-6 and written[k][3] < 20]
+    # A flipped payload byte (CRC) and a file cut mid-record: the records before are read, then the
+    # shard is retried and the rest skipped as a bad shard.
+    monkeypatch.setattr(streaming, "RETRY_DELAYS_S", (0.0, 0.0))
+    data = open(paths[0], "rb").read()
+    third = data.index(written["000000002"][0])  # inside record 2's payload
+    for name, broken in (("flipped.tfrecord", data[:third + 5] + bytes([data[third + 5] ^ 1]) + data[third + 6:]),
+                         ("cut.tfrecord", data[:third + 5])):
+        with open(tmp_path / name, "wb") as fh:
+            fh.write(broken)
+        stats = streaming.ShardReadStats()
+        got = list(streaming.read_shard(str(tmp_path / name), spec, 0, stats))
+        assert [r["key"] for r in got] == ["000000000", "000000001"], name
+        assert stats.bad_shards == {str(tmp_path / name): 1}
+        assert ("payload CRC mismatch" if name.startswith("flipped") else "truncated") in stats.last_error
+    # Counting seeks over payloads (their CRC unchecked) but still finds the cut.
+    with pytest.raises(streaming.TFRecordError, match="record 2: file ends inside the record"):
+        streaming.count_records(streaming.parse_sources([{"path": str(tmp_path / "cut.tfrecord")}])[0])
+    # Without the CRC package: one line naming the extra, at config time and when reading.
+    monkeypatch.setitem(__import__("sys").modules, "crc32c", None)
+    extra = r"pip install 'contrastive_jax\[tfrecord\]'"
+    with pytest.raises(ValueError, match=r"sources\[0\]\.format='tfrecord': .*" + extra):
+        streaming.parse_sources([{"path": paths}])
+    with pytest.raises(ImportError, match=r"contrastive_jax\[tfrecord\]"):
+        list(streaming.read_shard(paths[0], spec, 0))
+
+
+def _write_tfds_tfrecords(folder, n_shards, per_shard):
+    """TFDS-written TFRecord shards (``NAME-train.tfrecord-0000s-of-0000n`` + features.json):
+    encoded image bytes, a caption (Text), a label (ClassLabel) and a key (Text), serialized by
+    TFDS and framed with the ``tfrecord`` package's masked CRC. Returns ``(paths, [(png, caption,
+    label)])``."""
+    import struct
+
+    import tensorflow_datasets as tfds
+
+    tfrecord = pytest.importorskip("tfrecord", reason="the tfrecord package's CRC frames this test's records")
+    os.makedirs(folder, exist_ok=True)
+    features = tfds.features.FeaturesDict({"image": tfds.features.Tensor(shape=(), dtype=np.object_),
+                                           "caption": tfds.features.Text(),
+                                           "label": tfds.features.ClassLabel(names=list(COLORS)),
+                                           "key": tfds.features.Text()})
+    features.save_config(folder)
+    paths, written = [], []
+    for s in range(n_shards):
+        paths.append(os.path.join(folder, f"colors-train.tfrecord-{s:05d}-of-{n_shards:05d}"))
+        with open(paths[-1], "wb") as fh:
+            for j in range(per_shard):
+                color, caption = _sample(s * per_shard + j, "")
+                written.append((_png(COLORS[color]), caption, list(COLORS).index(color)))
+                raw = features.serialize_example({"image": written[-1][0], "caption": caption,
+                                                  "label": written[-1][2], "key": f"k{s}-{j}"})
+                head = struct.pack("<Q", len(raw))
+                mask = tfrecord.TFRecordWriter.masked_crc
+                fh.write(head + mask(head) + raw + mask(raw))
+    return paths, written
+
+
+def test_tfds_written_tfrecord_shards_train_through_the_stream(run_data, tmp_path):
+    """TFDS-style TFRecord shards (image bytes + text + label) are parsed with their features.json,
+    record for record as written, and a quickstart-tiny run trains and evaluates on them."""
+    from contrastive_jax.train.loop import train
+    from tests.train.test_train import _read_metrics
+
+    paths, written = _write_tfds_tfrecords(str(tmp_path / "colors"), 3, 40)
+    spec = streaming.parse_sources([{"path": str(tmp_path / "colors" / "colors-train.tfrecord-*")}])[0]
+    assert spec.format == "tfrecord" and streaming.count_records(spec) == 120
+    records = [r for p in paths for r in streaming.read_shard(p, spec, 0)]
+    assert [(r["image"], streaming.caption_text(r)) for r in records] == [(png, c) for png, c, _ in written]
+    assert [r["key"] for r in records] == [f"k{s}-{j}" for s in range(3) for j in range(40)]  # str, not "b'..'"
+    _, eval_paths, _ = run_data
+    workdir = str(tmp_path / "run")
+    summary = train(_run_config(workdir, str(tmp_path / "colors" / "*.tfrecord-*"), eval_paths), workdir)
+    assert summary["steps"] == 8 and "retrieval/image_to_text/R@1" in summary["eval"], summary
+    last = [m for m in _read_metrics(workdir) if "train/loss" in m][-1]
+    assert last["step"] == 8 and last["train/data/tars/examples"] == 8 * 32 and last["train/data/skipped"] == 0
+
+
+def test_tfrecord_shards_stream_from_s3_like_local_ones(s3_bucket, tmp_path):
+    """Both TFRecord layouts read from s3:// (loopback HTTP) give the local records, also from a
+    record offset (the TFDS layout's features.json is fetched from the bucket)."""
+    img2dataset, _ = _write_img2dataset_tfrecords(str(tmp_path / "i2d"), 2, 5)
+    tfds_paths, _ = _write_tfds_tfrecords(str(tmp_path / "colors"), 2, 5)
+    _upload(img2dataset, s3_bucket + "/tfr/i2d")
+    _upload(tfds_paths + [str(tmp_path / "colors" / "features.json")], s3_bucket + "/tfr/colors")
+    for local, remote in ((img2dataset, s3_bucket + "/tfr/i2d/*.tfrecord"),
+                          (tfds_paths, s3_bucket + "/tfr/colors/colors-train.tfrecord-{00000..00001}-of-00002")):
+        local_spec, remote_spec = streaming.parse_sources([{"path": local}, {"path": remote}])
+        assert remote_spec.format == "tfrecord" and len(remote_spec.shards) == 2
+        for start in (0, 3):
+            mine = [r for p in local_spec.shards for r in streaming.read_shard(p, local_spec, start)]
+            theirs = [r for p in remote_spec.shards for r in streaming.read_shard(p, remote_spec, start)]
+            assert len(mine) == 2 * (5 - start) and len(theirs) == len(mine)
+            for a, b in zip(mine, theirs):
+                assert a["image"] == b["image"] and streaming.caption_text(a) == streaming.caption_text(b)
+                assert a["key"] == b["key"] and a["json"] == b["json"]
+
+
+def test_stream_as_a_grain_iter_dataset_composes_and_checkpoints(tars):
+    """stream_dataset: the same batches as the training iterator; a grain .map on top; the
+    composed iterator's grain state (JSON) resumes exactly, also on an iterator already used."""
+    import grain
+
+    cfg = _data_config([{"path": tars["a"], "weight": 2, "name": "a"}, {"path": tars["b"]}], shuffle_buffer=5,
+                       stream_lanes=2)
+    ref = _take(_iterator(cfg, batch=6), 7)
+    ds = streaming.stream_dataset(cfg, tokenizer=_tokenizer(), global_batch_size=6, process_index=0, process_count=1)
+    assert isinstance(ds, grain.IterDataset)
+    _same(_take(iter(ds), 7), ref)
+    mapped = ds.map(lambda b: {"image_sum": b["image"].astype(np.float64).sum(axis=(1, 2, 3)), "text": b["text"]})
+    it = iter(mapped)
+    _take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    want = [{"image_sum": b["image"].astype(np.float64).sum(axis=(1, 2, 3)), "text": b["text"]} for b in ref[3:]]
+    _same(_take(it, 4), want)
+    again = iter(mapped)
+    again.set_state(state)
+    _same(_take(again, 4), want)
+    it.set_state(state)  # an iterator that already ran ahead goes back too
+    _same(_take(it, 2), want[:2])
+    with pytest.raises(ValueError, match="config.data.name='sources'"):
+        streaming.stream_dataset(_data_config([{"path": tars["a"]}], name="shapes"), tokenizer=_tokenizer(),
+                                 global_batch_size=6)
