@@ -44,7 +44,7 @@ import socket
 import sys
 import tarfile
 from collections import Counter
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -78,11 +78,32 @@ class _Item:
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_file(path: str) -> Callable[[], bytes]:
-    def read() -> bytes:
-        with open(path, "rb") as f:
+@dataclasses.dataclass(frozen=True)
+class _FileReader:
+    """Reads one image file (a picklable callable: Beam workers receive items as data)."""
+
+    path: str
+
+    def __call__(self) -> bytes:
+        with open(self.path, "rb") as f:
             return f.read()
-    return read
+
+
+@dataclasses.dataclass(frozen=True)
+class _BytesReader:
+    """An image already in memory (a tar member); None: the sample had no image file."""
+
+    data: bytes | None
+    key: str
+
+    def __call__(self) -> bytes:
+        if self.data is None:
+            raise FileNotFoundError(f"no image file for key {self.key}")
+        return self.data
+
+
+def _read_file(path: str) -> Callable[[], bytes]:
+    return _FileReader(path)
 
 
 # Byte-order marks of the encodings a caption file may start with (Excel's "CSV UTF-8" writes the
@@ -334,10 +355,7 @@ def _webdataset_items(source: str) -> list[_Item]:
             else:
                 caps = []
 
-            def read(image=image, key=key):
-                if image is None:
-                    raise FileNotFoundError(f"no image file for key {key}")
-                return image
+            read = _BytesReader(image, key)
             stamp = hashlib.sha256(image).hexdigest() if image is not None else None
             items.append(_Item(key=f"{os.path.basename(shard)}/{key}", read=read, captions=caps, stamp=stamp))
     return items
@@ -435,25 +453,83 @@ def _stage(items: list[_Item], staging: str, options: str, progress: bool) -> tu
             with open(path, "rb") as f:
                 chunk_records, chunk_skipped = pickle.load(f)
         else:
-            chunk_records, chunk_skipped = [], []
-            for item in chunk:
-                record, reason = _validate(item)
-                if record is None:
-                    chunk_skipped.append({"key": item.key, "reason": reason})
-                else:
-                    chunk_records.append(record)
-                if bar is not None:
-                    bar.update(1)
-            tmp = path + ".tmp"
-            with open(tmp, "wb") as f:
-                pickle.dump((chunk_records, chunk_skipped), f, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(tmp, path)  # a chunk exists only once complete
+            chunk_records, chunk_skipped = _stage_chunk(path, chunk, bar)
         paths.append(path)
         good.extend((r["key"], r["captions"]) for r in chunk_records)
         skipped.extend(chunk_skipped)
     if bar is not None:
         bar.close()
     return paths, skipped, good
+
+
+def _stage_chunk(path: str, chunk: list[_Item], bar=None) -> tuple[list[dict], list[dict]]:
+    """Validates one chunk of items and writes it to ``path`` (atomically: a chunk file exists
+    only once complete) -> (records, skipped). Runs in this process or in a Beam worker."""
+    chunk_records, chunk_skipped = [], []
+    for item in chunk:
+        record, reason = _validate(item)
+        if record is None:
+            chunk_skipped.append({"key": item.key, "reason": reason})
+        else:
+            chunk_records.append(record)
+        if bar is not None:
+            bar.update(1)
+    tmp = f"{path}.tmp.{os.getpid()}"  # a retried Beam bundle may run beside the first try
+    with open(tmp, "wb") as f:
+        pickle.dump((chunk_records, chunk_skipped), f, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    return chunk_records, chunk_skipped
+
+
+def _stage_chunk_element(element: tuple[str, list[_Item]]) -> int:
+    path, chunk = element
+    _stage_chunk(path, chunk)
+    return len(chunk)
+
+
+def _stage_with_beam(items: list[_Item], staging: str, options: str, beam_options) -> int:
+    """Validates (decodes) the chunks not yet staged as a Beam pipeline, one element per chunk;
+    :func:`_stage` then finds them all done. The staging folder must be visible to every worker
+    (local workers, or a cluster sharing the file system). Returns the number of items validated."""
+    import apache_beam as beam
+
+    os.makedirs(staging, exist_ok=True)
+    chunks = [items[c:c + _CHUNK] for c in range(0, len(items), _CHUNK)]
+    todo = []
+    for c, chunk in enumerate(chunks):
+        path = os.path.join(staging, _chunk_name(c, chunk, options))
+        if not os.path.isfile(path):
+            todo.append((path, chunk))
+    if todo:
+        with beam.Pipeline(options=beam_options) as pipeline:
+            _ = (pipeline
+                 | "Chunks" >> beam.Create(todo, reshuffle=False)
+                 | "Spread" >> beam.Reshuffle()  # one chunk per worker at a time, not all in one bundle
+                 | "Validate" >> beam.Map(_stage_chunk_element))
+    return sum(len(chunk) for _, chunk in todo)
+
+
+def _beam_options(runner: str, num_workers: int, options: Sequence[str]):
+    """:func:`convert`'s runner -> Beam ``PipelineOptions``, or None for this process."""
+    if runner not in ("single_process", "beam"):
+        raise ConversionError(f"runner={runner!r}; valid: single_process, beam")
+    if runner == "single_process":
+        return None
+    from contrastive_jax.data.beam import pipeline_options
+
+    return pipeline_options(num_workers, options)
+
+
+def _stage_on(beam_options, items: list[_Item], staging: str, options: str, progress: bool):
+    """:func:`_stage`, its validation done by Beam first when ``beam_options`` is set -> (chunk
+    paths, skipped, good records, the report's runner fields)."""
+    if beam_options is None:
+        return (*_stage(items, staging, options, progress), {"runner": "single_process"})
+    from contrastive_jax.data.beam import runner_name
+
+    validated = _stage_with_beam(items, staging, options, beam_options)
+    return (*_stage(items, staging, options, False), {"runner": runner_name(beam_options),
+                                                      "validated_by_beam": validated})
 
 
 @contextlib.contextmanager
@@ -543,17 +619,42 @@ def _builder_class():
 
         def _examples(self, split):
             for path in self._splits["chunks"]:
-                with open(path, "rb") as f:
-                    chunk_records, _ = pickle.load(f)
-                for r in chunk_records:
-                    if self._splits["split_of"][r["key"]] != split:
-                        continue
-                    ex = {"image": r["image"], "captions": r["captions"], "key": r["key"]}
-                    if self._class_names is not None:
-                        ex["label"] = r["label"]
-                    yield r["key"], ex
+                yield from _chunk_examples(path, split, self._splits["split_args"], self._class_names is not None)
 
     return UserImageText
+
+
+def _beam_builder_class():
+    """The same dataset written by TFDS's Beam mechanism: ``_split_generators`` gets the pipeline
+    and returns one PCollection of (key, example) per split, read from the staged chunks; TFDS's
+    Beam writer shuffles by key hash like its single-process writer."""
+    import apache_beam as beam
+
+    class UserImageTextBeam(_builder_class(), skip_registration=True):
+        def _split_generators(self, dl_manager, pipeline):
+            del dl_manager
+            args, with_label = self._splits["split_args"], self._class_names is not None
+            return {split: (pipeline
+                            | f"{split}_chunks" >> beam.Create(self._splits["chunks"])
+                            | f"{split}_examples" >> beam.FlatMap(
+                                lambda path, split=split: _chunk_examples(path, split, args, with_label)))
+                    for split in self._splits["names"]}
+
+    return UserImageTextBeam
+
+
+def _chunk_examples(path: str, split: str, split_args: tuple, with_label: bool) -> Iterator[tuple[str, dict]]:
+    """(key, TFDS example) of the staged chunk ``path``'s records that belong to ``split``
+    (``split_args``: the seed and fractions of :func:`split_of`)."""
+    with open(path, "rb") as f:
+        chunk_records, _ = pickle.load(f)
+    for r in chunk_records:
+        if split_of(r["key"], *split_args) != split:
+            continue
+        ex = {"image": r["image"], "captions": r["captions"], "key": r["key"]}
+        if with_label:
+            ex["label"] = r["label"]
+        yield r["key"], ex
 
 
 def _vocabulary(captions: list[str], min_count: int, max_size: int) -> list[str]:
@@ -602,22 +703,24 @@ def _collect_items(source: str, *, name: str, format: str, captions: str | None,
 
 
 def _write_dataset(data_dir: str, name: str, version: str, *, split_spec: dict, class_names, description: str,
-                   overwrite: bool) -> str:
+                   overwrite: bool, beam_options=None) -> str:
     """Writes the staged records as TFDS array_record files; returns the dataset folder.
 
     An existing dataset (``overwrite`` only) is removed now, once its replacement is ready to be
-    written, never before the records were validated."""
+    written, never before the records were validated. ``beam_options``: write through TFDS's Beam
+    writer with these ``PipelineOptions`` (None: TFDS's single-process writer)."""
     import tensorflow_datasets as tfds
 
     dataset_dir = os.path.join(data_dir, name, version)
     if os.path.isdir(dataset_dir) and overwrite:
         shutil.rmtree(dataset_dir)
-    builder = _builder_class()(name=name, version=version, splits=split_spec, class_names=class_names,
-                               description=description, data_dir=data_dir, file_format="array_record")
+    cls = _builder_class() if beam_options is None else _beam_builder_class()
+    builder = cls(name=name, version=version, splits=split_spec, class_names=class_names,
+                  description=description, data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare(
         file_format="array_record",
         download_config=tfds.download.DownloadConfig(
-            try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP),
+            try_download_gcs=False, compute_stats=tfds.download.ComputeStatsMode.SKIP, beam_options=beam_options),
     )
     return os.fspath(builder.data_dir)
 
@@ -640,6 +743,9 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     encoding: str | None = None,
+    runner: str = "single_process",
+    num_workers: int = 2,
+    beam_options: Sequence[str] = (),
 ) -> dict:
     """Converts user data in ``source`` into the TFDS dataset ``name`` under ``data_dir``.
 
@@ -657,6 +763,12 @@ def convert(
         record again (the staging cache of an earlier, interrupted run is cleared).
       encoding: the captions file's text encoding; None: detected (UTF-8, a BOM, else cp1252 /
         latin-1, reported as ``captions_encoding``).
+      runner: ``'single_process'`` (this process) or ``'beam'``: images are validated and the
+        dataset written by Apache Beam pipelines (TFDS's Beam mechanism for large datasets), by
+        default on ``num_workers`` local DirectRunner processes; ``beam_options`` (``'K=V'``
+        strings, e.g. ``'runner=FlinkRunner'``) pick another runner. The records written are the
+        same as the single-process conversion's. Other runners' workers must see ``source`` and
+        ``data_dir`` (a shared file system). Needs the ``[beam]`` extra.
 
     Returns:
       The report (also in ``contrastive_jax.json``): ``num_records`` per split, ``num_skipped``,
@@ -664,6 +776,7 @@ def convert(
       ``captions_encoding`` and the dropped caption rows by reason; for class folders the
       ``ignored_folders``; ``removed_incomplete_writes`` (TFDS folders a killed run left).
     """
+    beam_options = _beam_options(runner, num_workers, beam_options)
     items, class_names, notes = _collect_items(
         source, name=name, format=format, captions=captions, class_template=class_template,
         test_fraction=test_fraction, validation_fraction=validation_fraction, encoding=encoding)
@@ -677,9 +790,9 @@ def convert(
         if overwrite:
             shutil.rmtree(staging, ignore_errors=True)
         options = json.dumps([format, class_template])
-        chunks, skipped, good = _stage(items, staging, options, progress)
+        chunks, skipped, good, report_runner = _stage_on(beam_options, items, staging, options, progress)
         by_reason = dict(Counter(s["reason"].split(":")[0] for s in skipped))
-        report: dict[str, Any] = {"source": os.path.abspath(source), "format": format, **notes,
+        report: dict[str, Any] = {"source": os.path.abspath(source), "format": format, **report_runner, **notes,
                                   "num_items": len(items), "num_skipped": len(skipped),
                                   "skipped_by_reason": by_reason, "skipped": skipped}
         if len(skipped) > max_bad_fraction * len(items):
@@ -691,13 +804,14 @@ def convert(
         counts = Counter(assignment.values())
         if not counts["train"]:
             raise ConversionError(f"no record of {source} landed in the train split")
-        split_spec = {"chunks": chunks, "split_of": assignment,
+        split_spec = {"chunks": chunks, "split_args": (seed, test_fraction, validation_fraction),
                       "names": [s for s in ("train", "validation", "test") if counts[s]]}
         report["removed_incomplete_writes"] = _remove_incomplete_writes(data_dir, name)
         report["num_records"] = {k: counts[k] for k in split_spec["names"]}
         report["dataset_dir"] = _write_dataset(
             data_dir, name, version, split_spec=split_spec, class_names=class_names, overwrite=overwrite,
-            description=f"Converted by contrastive-jax from {os.path.abspath(source)} ({format}).")
+            description=f"Converted by contrastive-jax from {os.path.abspath(source)} ({format}).",
+            beam_options=beam_options)
         meta = {
             "vocabulary": _vocabulary([c for key, caps in good if assignment[key] == "train" for c in caps],
                                       vocab_min_count, vocab_max_size),
