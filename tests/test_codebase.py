@@ -63,7 +63,7 @@ def test_no_function_longer_than_100_lines_without_a_stated_reason():
     assert _long_functions() == []
 
 
-@pytest.mark.parametrize("tool", ["bench_train.py", "bench_batch.py"])
+@pytest.mark.parametrize("tool", ["bench_train.py", "bench_batch.py", "bench_vs_open_clip.py", "gpu_bench.py"])
 def test_benchmarks_build_the_step_with_the_loops_builder(tool):
     tree = ast.parse((REPO / "tools" / tool).read_text(encoding="utf-8"))
     called = {n.func.id if isinstance(n.func, ast.Name) else getattr(n.func, "attr", "")
