@@ -16,6 +16,7 @@ from contrastive_jax.losses.contrastive import (
     sigmoid_contrastive_loss,
     softmax_contrastive_loss,
 )
+from contrastive_jax.losses.filip import filip_loss
 from contrastive_jax.losses.objectives import (
     TARGET_FUNCTIONS,
     alignment,
@@ -35,4 +36,4 @@ from contrastive_jax.losses.registry import OBJECTIVES, make_objective, register
 __all__ = ["make_objective", "register_objective", "OBJECTIVES", "softmax_contrastive_loss", "sigmoid_contrastive_loss", "IMPLS", "DEFAULT_BLOCK_SIZE",
            "decoupled_contrastive_loss", "hard_negative_loss", "soft_target_loss", "multi_positive_loss",
            "sigmoid_multi_positive_loss", "nt_xent_loss", "matryoshka_prefixes", "symile_loss",
-           "similarity_distillation_loss", "alignment", "uniformity", "TARGET_FUNCTIONS"]
+           "similarity_distillation_loss", "alignment", "uniformity", "TARGET_FUNCTIONS", "filip_loss"]
