@@ -51,6 +51,8 @@ import sys
 import tempfile
 import time
 
+from bench_train import cpu_model  # tools/ is on sys.path when a tool runs as a script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # tests/clip_reference.Clip keyword arguments; heads passed to the conversion explicitly.
@@ -77,17 +79,6 @@ def parse_args(argv=None):
 
 
 # -- machine ----------------------------------------------------------------------------------
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
 
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]

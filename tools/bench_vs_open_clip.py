@@ -45,11 +45,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
+
+from bench_train import cpu_model  # tools/ is on sys.path when a tool runs as a script
 
 
 def parse_args(argv=None):
@@ -75,17 +75,6 @@ def parse_args(argv=None):
     p.add_argument("--override", action="append", default=[],
                    help="our config override a.b=v (repeatable), e.g. model.image.scan=False")
     return p.parse_args(argv)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def build_open_clip(args):

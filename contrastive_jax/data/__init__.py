@@ -7,7 +7,7 @@ The public names below are imported on first use (PEP 562), so that importing a 
 (``contrastive_jax.data.config``, ``contrastive_jax.data.transforms``, a tokenizer) does not pull
 in grain or TFDS.
 """
-import importlib
+from contrastive_jax._lazy import lazy_exports
 
 _EXPORTS = {
     "pipeline": ("SKIP_REASONS", "DataQualityError", "ExampleProcessor", "TrainIterator", "load_eval_arrays",
@@ -20,18 +20,6 @@ _EXPORTS = {
     "tokenizer": ("ClipBpeTokenizer", "SentencePieceTokenizer", "TextRules", "Tokenizer", "WordTokenizer",
                   "build_tokenizer", "load_tokenizer", "train_sentencepiece", "normalize_text", "split_words"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = sorted(_WHERE) + ["shapes"]
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    if name == "shapes":
-        return importlib.import_module(f"{__name__}.shapes")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, ("shapes",))
+__all__ += ["shapes"]  # `from contrastive_jax.data import *` brings the built-in dataset module too

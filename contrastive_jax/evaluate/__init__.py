@@ -8,7 +8,7 @@ The public names below are imported on first use (PEP 562), so that importing a 
 (``contrastive_jax.evaluate.config``, which the run schema imports) does not pull in jax, grain,
 TFDS or matplotlib.
 """
-import importlib
+from contrastive_jax._lazy import lazy_exports
 
 _EXPORTS = {
     "diagnostics": ("alignment", "matryoshka_prefix", "modality_gap", "norm_stats", "rankme",
@@ -23,20 +23,7 @@ _EXPORTS = {
                   "zero_shot_class_embeddings", "zero_shot_multilabel"),
     "report": ("write_report",),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 # Submodules resolve as attributes too (``evaluate.retrieval``), as when this file imported them.
 _SUBMODULES = ("config", "diagnostics", "encode", "metrics", "probes", "report", "retrieval", "runner", "zero_shot")
 
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(__all__) | set(_SUBMODULES))
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES)

@@ -16,15 +16,16 @@ pytest.importorskip("open_clip", reason="open_clip_torch is not installed: the b
 TOOL = pathlib.Path(__file__).resolve().parents[2] / "tools" / "bench_vs_open_clip.py"
 
 
-def _bench():
+def _bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(TOOL.parent))  # as when run as a script: it imports bench_train
     spec = importlib.util.spec_from_file_location("bench_vs_open_clip", TOOL)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_bench_vs_open_clip_trains_the_same_model_as_open_clip():
-    bench = _bench()
+def test_bench_vs_open_clip_trains_the_same_model_as_open_clip(monkeypatch):
+    bench = _bench(monkeypatch)
     args = bench.parse_args([
         "--batch", "8", "--image-size", "32", "--patch", "16", "--image-width", "64", "--image-layers", "2",
         "--text-width", "64", "--text-layers", "2", "--text-heads", "2", "--context", "16", "--vocab", "1000",
