@@ -13,7 +13,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["contrastive_jax", "contrastive_jax.*"]),
-    package_data={"contrastive_jax.evaluate": ["data/*.txt"]},
+    package_data={"contrastive_jax.evaluate": ["data/*.txt"],
+                  "contrastive_jax.evaluate.benchmark": ["data/*.json", "data/*.md"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.7.0",
@@ -41,7 +42,9 @@ setup(
         # workdirs; torch itself is installed first by .ci/run (see the README).
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "scikit-learn>=1.4", "nbclient>=0.7", "nbformat>=5.7",
                  "ipykernel>=6.20.1", "open_clip_torch>=3.0", "transformers>=5.0", "tokenizers>=0.21",
-                 "ftfy>=6.1", "regex>=2023.0", "moto[server]>=5.0", "s3fs>=2024.6"],
+                 "ftfy>=6.1", "regex>=2023.0", "moto[server]>=5.0", "s3fs>=2024.6",
+                 # the peer TFRecord reader and the Beam engine the streaming / preprocessing tests compare against
+                 "tfrecord>=1.14.6", "crc32c>=2.2", "apache-beam>=2.77"],
         "tf": ["tensorflow>=2.16"],
         "torch": ["torch>=2.2"],
         # Exact CLIP text cleaning/splitting (as open_clip does it) and Hugging Face tokenizer.json files.
@@ -49,6 +52,10 @@ setup(
         "hf": ["tokenizers>=0.21", "safetensors>=0.4.1"],
         "s3": ["s3fs>=2024.6"],
         "gcs": ["gcsfs>=2024.6"],
+        # format "tfrecord" checks every frame's CRC-32C (the reader asks for this extra when it is missing).
+        "tfrecord": ["crc32c>=2.2"],
+        # Preprocessing that outgrows one machine: `contrastive-jax data convert --runner beam`.
+        "beam": ["apache-beam>=2.77"],
     },
     entry_points={"console_scripts": ["contrastive-jax=contrastive_jax.cli:main"]},
 )

@@ -17,6 +17,8 @@ COMMANDS = {
     "data": "data",
     "inspect": "inspect",
     "convert": "convert",
+    "plan": "plan",
+    "benchmark": "benchmark",
 }
 
 EXIT_CONFIG_ERROR = 2

@@ -14,6 +14,10 @@ from tests.interop.test_interop import VOCAB, merges  # noqa: F401  (merges: the
 
 @pytest.fixture(scope="module")
 def model(merges):
+    return tiny_clip(merges)
+
+
+def tiny_clip(merges) -> Model:
     """A tiny random CLIP (16 px images, 1 block per tower) with a CLIP BPE tokenizer."""
     common = dict(act="quick_gelu", norm_eps=1e-5)
     arch = dict(
