@@ -31,14 +31,17 @@ of each, their medians and ``ratio`` = median(ours / open_clip per round).
 
 Example::
 
-    python tools/bench_vs_open_clip.py                        # the issue-19 shape, unrolled layers
-    # scanned layers + dots_saveable remat (as configs/clip.py:vit_s16_96): the fast CPU layout
-    python tools/bench_vs_open_clip.py --override model.image.scan=True --override model.text.scan=True \
-        --override model.image.remat=dots_saveable --override model.text.remat=dots_saveable
+    python tools/bench_vs_open_clip.py                    # the issue-19 shape, layers as configs/clip.py
+    python tools/bench_vs_open_clip.py --layout unrolled  # one module per layer, no remat
+
+``--layout scan`` (the default) runs our towers as ``configs/clip.py`` builds them (``nn.scan`` over
+the layers, ``dots_saveable`` remat: the layout that doubled the step's MFU on CPU); ``unrolled`` is
+the model schema's default layout. Same parameters and the same math either way.
 
 The machine must be otherwise idle: under contention (load average far above the core count)
 PyTorch's worker threads lose much more than XLA's and the ratio is meaningless (2.6x was seen
-at load 5-17 where an idle-ish machine gives 0.96x); compare the per-round lists, not just medians.
+at load 5-17 for the unrolled layout, which gives 0.82-0.96x on an idle-ish machine); compare the
+per-round lists, not just medians.
 """
 from __future__ import annotations
 
@@ -72,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--check-steps", type=int, default=3, help="updates whose losses are compared")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--layout", choices=("scan", "unrolled"), default="scan",
+                   help="our towers' layer layout: scanned + dots_saveable remat (configs/clip.py) or unrolled")
     p.add_argument("--override", action="append", default=[],
                    help="our config override a.b=v (repeatable), e.g. model.image.scan=False")
     return p.parse_args(argv)
@@ -134,6 +139,9 @@ def build_ours(args, state_dict):
     config.optim.update(dict(name="adamw", lr=args.lr, b1=0.9, b2=0.98, eps=1e-6, weight_decay=args.weight_decay,
                              schedule="constant", warmup_steps=0, grad_clip_norm=0.0,
                              no_decay=(r".*(bias|scale)$", r".*norm.*", r".*cls$")))
+    if args.layout == "scan":
+        for tower in (config.model.image, config.model.text):
+            tower.scan, tower.remat = True, "dots_saveable"
     for item in args.override:
         apply_override(config, item, source="--override")
     training = build_training(config)  # the loop's own builder: the step a run executes
@@ -214,7 +222,7 @@ def run(args):
                    image_layers=args.image_layers, text_width=args.text_width, text_layers=args.text_layers,
                    context=args.context, vocab=args.vocab, embed_dim=args.embed_dim,
                    act="quick_gelu" if args.quick_gelu else "gelu_exact", dtype="float32"),
-        overrides=args.override,
+        layout=args.layout, overrides=args.override,
         params_open_clip=n_oc,
         # Ours has one more scalar: the logit bias of the sigmoid loss (unused by softmax, zero gradient).
         params_ours=n_ours,
