@@ -241,7 +241,7 @@ def parse_sources(sources: Any, field: str = "config.data.sources") -> list[Sour
             raise ValueError(f"{where}.format={fmt!r}; valid: {', '.join(FORMATS)}")
         if fmt == "tfrecord":
             try:
-                _crc32c_module()
+                crc32c_module()
             except ImportError as e:
                 raise ValueError(f"{where}.format='tfrecord': {e}") from None
         weight = float(entry.get("weight", 1.0))
@@ -399,7 +399,7 @@ class TFRecordError(ValueError):
     mid-record. Like any read error, the shard is retried, then the rest of it skipped and counted."""
 
 
-def _crc32c_module():
+def crc32c_module():
     try:
         import crc32c
     except ImportError:
@@ -435,7 +435,7 @@ def _tfrecord_frames(fh, path: str, start: int) -> Iterator[tuple[int, bytes | N
     ``(index, None)``."""
     import struct
 
-    crc32c = _crc32c_module()
+    crc32c = crc32c_module()
     index = 0
     while True:
         head = fh.read(12)

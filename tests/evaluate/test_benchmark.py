@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import os
+import sys
 import tarfile
 
 import jax
@@ -74,12 +75,42 @@ def _tfds_dataset(data_dir, name, features, examples, split="test"):
     return os.fspath(b.data_dir)
 
 
+def _as_tfrecord(folder) -> list[str]:
+    """Rewrites a TFDS array_record dataset as TFRecord, the format `tfds build` writes by default:
+    the same serialized examples (TFDS's), framed by the ``tfrecord`` package (an independent
+    writer of the length / masked-CRC framing) under TFDS's TFRecord file names."""
+    import glob
+    import struct
+
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    tfrecord = pytest.importorskip("tfrecord", reason="the tfrecord package frames the TFRecord fixtures")
+    mask = tfrecord.TFRecordWriter.masked_crc
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "*.array_record-*"))):
+        reader = ArrayRecordReader(path)
+        raws = reader.read_all()
+        reader.close()
+        out.append(path.replace(".array_record-", ".tfrecord-"))
+        with open(out[-1], "wb") as fh:
+            for raw in raws:
+                head = struct.pack("<Q", len(raw))
+                fh.write(head + mask(head) + raw + mask(raw))
+        os.remove(path)
+    info_path = os.path.join(folder, "dataset_info.json")
+    info = json.load(open(info_path))
+    info["fileFormat"] = "tfrecord"
+    json.dump(info, open(info_path, "w"))
+    return out
+
+
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
     """A tiny random model directory plus, on disk: a CLIP_benchmark classification export
     (``cifar10``, 2 shards, its own classnames/templates), a retrieval export (``mscoco_captions``,
     5 captions per image), a TFDS array_record classification set under an arbitrary name and a
-    TFDS ``coco_captions`` (captions/text), and a TFDS folder that says it is TFRecord."""
+    TFDS ``coco_captions`` (captions/text), the same two TFDS datasets in TFRecord format, and a
+    TFRecord one with a corrupt frame."""
     import tensorflow_datasets as tfds
 
     root = tmp_path_factory.mktemp("bench")
@@ -108,25 +139,31 @@ def fixtures(tmp_path_factory):
 
     tdir = root / "tfds"
     tlabels = rng.integers(0, 4, 14)
-    _tfds_dataset(tdir, "bench_colours", {"image": tfds.features.Image(shape=(None, None, 3)),
-                                          "label": tfds.features.ClassLabel(names=["red", "green", "blue", "yellow"])},
-                  [{"image": io.BytesIO(_png(rng, (18, 22))), "label": int(y)} for y in tlabels])
+    colour_feats = {"image": tfds.features.Image(shape=(None, None, 3)),
+                    "label": tfds.features.ClassLabel(names=["red", "green", "blue", "yellow"])}
+    colour_pngs = [_png(rng, (18, 22)) for _ in tlabels]
+    for name in ("bench_colours", "bench_tfrecord"):
+        _tfds_dataset(tdir, name, colour_feats, [{"image": io.BytesIO(b), "label": int(y)}
+                                                 for b, y in zip(colour_pngs, tlabels)])
     tcaps = [[" ".join(rng.choice(words, 3)) for _ in range(5 + (i % 2))] for i in range(6)]  # 5 or 6 captions
-    _tfds_dataset(tdir, "coco_captions", {"image": tfds.features.Image(shape=(None, None, 3)),
-                                          "captions": tfds.features.Sequence({"text": tfds.features.Text()})},
-                  [{"image": io.BytesIO(_png(rng, (16, 16))), "captions": {"text": c}}
-                   for c in tcaps])
+    cap_feats = {"image": tfds.features.Image(shape=(None, None, 3)),
+                 "captions": tfds.features.Sequence({"text": tfds.features.Text()})}
+    cap_pngs = [_png(rng, (16, 16)) for _ in tcaps]
+    for name in ("coco_captions", "bench_tfrecord_captions"):
+        _tfds_dataset(tdir, name, cap_feats, [{"image": io.BytesIO(b), "captions": {"text": c}}
+                                              for b, c in zip(cap_pngs, tcaps)])
     ucaps = [[" ".join(rng.choice(words, 3)) for _ in range(2)] for _ in range(4)]
     _tfds_dataset(tdir, "bench_user_captions", {"image": tfds.features.Image(shape=(None, None, 3)),
                                                 "captions": tfds.features.Sequence(tfds.features.Text())},
                   [{"image": io.BytesIO(_png(rng, (16, 20))), "captions": c} for c in ucaps])
-    rec = _tfds_dataset(tdir, "bench_tfrecord", {"image": tfds.features.Image(shape=(None, None, 3)),
-                                                 "label": tfds.features.ClassLabel(names=["red", "blue"])},
-                        [{"image": io.BytesIO(_png(rng, (8, 8))), "label": 0}])
-    info_path = os.path.join(rec, "dataset_info.json")
-    info = json.load(open(info_path))
-    info["fileFormat"] = "tfrecord"  # as a `tfds build` without --file_format leaves it
-    json.dump(info, open(info_path, "w"))
+    # The same examples in `tfds build`'s default file format; and one whose frames are corrupt.
+    _as_tfrecord(tdir / "bench_tfrecord" / "1.0.0")
+    _as_tfrecord(tdir / "bench_tfrecord_captions" / "1.0.0")
+    bad = _tfds_dataset(tdir, "bench_tfrecord_corrupt", colour_feats,
+                        [{"image": io.BytesIO(b), "label": int(y)} for b, y in zip(colour_pngs, tlabels)])
+    shard = _as_tfrecord(bad)[0]
+    raw = open(shard, "rb").read()
+    open(shard, "wb").write(raw[:len(raw) // 2] + bytes([raw[len(raw) // 2] ^ 1]) + raw[len(raw) // 2 + 1:])
     return {"run": run, "wds": str(wds), "tfds": str(tdir), "labels": labels, "caps": caps,
             "tlabels": tlabels, "tcaps": tcaps, "samples": samples}
 
@@ -221,7 +258,7 @@ def test_command_numbers_missing_and_csv(fixtures, tmp_path, capsys):
 
     out = tmp_path / "out"
     names = ("cifar10,mscoco_captions,bench_colours,coco_captions,flickr30k,not_a_dataset,bench_tfrecord,"
-             "bench_user_captions")
+             "bench_user_captions,bench_tfrecord_captions,bench_tfrecord_corrupt")
     code = _run_cli(["benchmark", "--checkpoint", fixtures["run"], "--datasets", names, "--data-dir",
                      fixtures["tfds"], "--wds-root", fixtures["wds"], "--output", str(out), "--batch-size", "8",
                      "--no-progress"])
@@ -230,11 +267,16 @@ def test_command_numbers_missing_and_csv(fixtures, tmp_path, capsys):
     rows = {r["dataset"]: r for r in res["results"]}
     assert [r["dataset"] for r in res["results"]] == names.split(",")
     assert set(res["missing"]) == {"flickr30k", "not_a_dataset"}
-    assert rows["bench_tfrecord"]["status"] == "unavailable"
-    assert "present but TFRecord" in rows["bench_tfrecord"]["reason"]
-    assert "array_record" in rows["bench_tfrecord"]["reason"]
-    for name in ("cifar10", "mscoco_captions", "bench_colours", "coco_captions", "bench_user_captions"):
+    for name in ("cifar10", "mscoco_captions", "bench_colours", "coco_captions", "bench_user_captions",
+                 "bench_tfrecord", "bench_tfrecord_captions"):
         assert rows[name]["status"] == "ok", rows[name]
+    # TFRecord-format TFDS datasets, read without TensorFlow: the numbers of the same examples read
+    # from array_record through tfds.data_source; a corrupt frame is an error naming the record.
+    assert "tensorflow" not in sys.modules
+    for rec, arr in (("bench_tfrecord", "bench_colours"), ("bench_tfrecord_captions", "coco_captions")):
+        assert rows[rec]["metrics"] == rows[arr]["metrics"] and rows[rec]["num_examples"] == rows[arr]["num_examples"]
+    assert rows["bench_tfrecord_corrupt"]["status"] == "error"
+    assert "CRC mismatch" in rows["bench_tfrecord_corrupt"]["reason"]
     # a user's captioned TFDS dataset (as `data convert` writes) is benchmarked on retrieval
     assert rows["bench_user_captions"]["task"] == "zeroshot_retrieval"
     assert rows["bench_user_captions"]["num_examples"] == 4

@@ -5,8 +5,9 @@ array) plus ``label`` (int, classification) or ``captions`` (``list[str]``, retr
 
 - TFDS datasets prepared under a data dir (``<data_dir>/<name>[/<config>]/<version>/``): an
   ``array_record`` dataset is read through ``builder.as_data_source`` (no TensorFlow; images stay
-  encoded until the benchmark decodes them); a ``tfrecord`` one needs TensorFlow (the ``[tf]``
-  extra), see :func:`_tfrecord_examples`.
+  encoded until the benchmark decodes them); a ``tfrecord`` one (TFDS's default format) is read
+  frame by frame and parsed by its own features, also without TensorFlow
+  (:func:`_tfrecord_examples`).
 - CLIP_benchmark's WebDataset export: ``<root>/<folder>/test/*.tar`` with ``KEY.webp|png|jpg|jpeg``
   and ``KEY.cls`` (classification, the label as decimal text) or ``KEY.txt`` (retrieval, one
   caption per line); ``classnames.txt`` and ``zeroshot_classification_templates.txt`` at the
@@ -111,7 +112,7 @@ def tfds_examples(path: str, source: TfdsSource) -> Iterator[dict]:
     """The examples of ``source.split`` of the prepared TFDS dataset at ``path``.
 
     Raises:
-      SourceUnavailable: the split is missing, or the files are TFRecord and TensorFlow is absent.
+      SourceUnavailable: the split is missing, or the files are TFRecord and ``crc32c`` is absent.
     """
     import tensorflow_datasets as tfds
 
@@ -130,17 +131,22 @@ def tfds_examples(path: str, source: TfdsSource) -> Iterator[dict]:
 
 
 def _tfrecord_examples(builder, split: str, decoders: dict, path: str) -> Iterator[dict]:
-    """TFRecord-format TFDS splits. HOOK: a TensorFlow-free TFRecord reader (planned in
-    :mod:`contrastive_jax.data.streaming`) plugs in here; until then TensorFlow reads them."""
-    try:
-        import tensorflow  # noqa: F401
-    except ImportError:
-        raise SourceUnavailable(
-            f"present but TFRecord ({path}): install the [tf] extra (pip install 'contrastive_jax[tf]') or "
-            "re-prepare it with file_format='array_record'") from None
-    import tensorflow_datasets as tfds
+    """A TFRecord-format TFDS split (``tfds build``'s default) without TensorFlow: each shard's
+    frames read with their CRC-32C checked (:func:`contrastive_jax.data.streaming.tfrecord_payloads`)
+    and each record parsed by the dataset's own features (``deserialize_example_np``), shards in
+    TFDS's order, so the examples are those ``builder.as_dataset`` would give, unshuffled."""
+    from contrastive_jax.data import streaming
 
-    yield from tfds.as_numpy(builder.as_dataset(split=split, decoders=decoders))
+    try:
+        streaming.crc32c_module()
+    except ImportError as e:
+        raise SourceUnavailable(f"present but TFRecord ({path}): {e}") from None
+    features = builder.info.features
+    for shard in builder.info.splits[split].filepaths:
+        shard = os.fspath(shard)
+        with open(shard, "rb") as fh:
+            for raw in streaming.tfrecord_payloads(fh, shard):
+                yield features.deserialize_example_np(raw, decoders=decoders)
 
 
 # -- CLIP_benchmark's WebDataset export -------------------------------------------------------
