@@ -64,17 +64,33 @@ def _summary(e: BaseException) -> str:
 
 
 class _OrbaxNoiseFilter(logging.Filter):
-    """Drops orbax's ERROR records (with tracebacks) about a failed background write: the failure
-    is raised as one :class:`CheckpointSaveError` line instead. Kept at DEBUG on our logger."""
+    """Drops orbax's ERROR records (with tracebacks) about a failed background write or read, and
+    asyncio's about orbax tasks whose failure nobody retrieved: the failure is reported as one line
+    instead (:class:`CheckpointSaveError`, or the resume warning). Kept at DEBUG on our logger."""
 
     _PATTERNS = ("raised an exception", "Failed to run", "thread (save_finalize) failed", "Save Finalize thread")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if record.levelno >= logging.ERROR and any(p in message for p in self._PATTERNS):
-            log.debug("orbax: %s", message)
+        if record.levelno >= logging.ERROR and (any(p in message for p in self._PATTERNS)
+                                                or _orbax_task_never_retrieved(record, message)):
+            log.debug("orbax: %s", message.splitlines()[0])
             return False
         return True
+
+
+def _orbax_task_never_retrieved(record: logging.LogRecord, message: str) -> bool:
+    """asyncio's "Task exception was never retrieved" (logged when the garbage collector meets an
+    abandoned task, so only sometimes) for orbax's read/write coroutines of a checkpoint that
+    failed: the failure itself is reported once by the caller."""
+    if "exception was never retrieved" not in message or not record.exc_info:
+        return False
+    tb = record.exc_info[2]
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _is_background_noise(unraisable) -> bool:
@@ -88,7 +104,7 @@ def _is_background_noise(unraisable) -> bool:
 
 
 def quiet_background_failures() -> None:
-    """Installs the two filters above once per process (idempotent)."""
+    """Installs the filters above once per process (idempotent): the unraisable hook, and the log filter on absl's and asyncio's loggers."""
     if getattr(sys.unraisablehook, "_contrastive_jax", False):
         return
     previous = sys.unraisablehook
@@ -102,6 +118,7 @@ def quiet_background_failures() -> None:
     hook._contrastive_jax = True
     sys.unraisablehook = hook
     logging.getLogger("absl").addFilter(_OrbaxNoiseFilter())
+    logging.getLogger("asyncio").addFilter(_OrbaxNoiseFilter())
 
 
 def _warn(message: str) -> None:
