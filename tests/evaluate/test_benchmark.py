@@ -156,6 +156,9 @@ def fixtures(tmp_path_factory):
     _tfds_dataset(tdir, "bench_user_captions", {"image": tfds.features.Image(shape=(None, None, 3)),
                                                 "captions": tfds.features.Sequence(tfds.features.Text())},
                   [{"image": io.BytesIO(_png(rng, (16, 20))), "captions": c} for c in ucaps])
+    _tfds_dataset(tdir, "bench_one_caption", {"image": tfds.features.Image(shape=(None, None, 3)),
+                                              "caption": tfds.features.Text()},
+                  [{"image": io.BytesIO(_png(rng, (16, 20))), "caption": c[0]} for c in ucaps])
     # The same examples in `tfds build`'s default file format; and one whose frames are corrupt.
     _as_tfrecord(tdir / "bench_tfrecord" / "1.0.0")
     _as_tfrecord(tdir / "bench_tfrecord_captions" / "1.0.0")
@@ -258,7 +261,7 @@ def test_command_numbers_missing_and_csv(fixtures, tmp_path, capsys):
 
     out = tmp_path / "out"
     names = ("cifar10,mscoco_captions,bench_colours,coco_captions,flickr30k,not_a_dataset,bench_tfrecord,"
-             "bench_user_captions,bench_tfrecord_captions,bench_tfrecord_corrupt")
+             "bench_user_captions,bench_tfrecord_captions,bench_tfrecord_corrupt,bench_one_caption")
     code = _run_cli(["benchmark", "--checkpoint", fixtures["run"], "--datasets", names, "--data-dir",
                      fixtures["tfds"], "--wds-root", fixtures["wds"], "--output", str(out), "--batch-size", "8",
                      "--no-progress"])
@@ -280,6 +283,9 @@ def test_command_numbers_missing_and_csv(fixtures, tmp_path, capsys):
     # a user's captioned TFDS dataset (as `data convert` writes) is benchmarked on retrieval
     assert rows["bench_user_captions"]["task"] == "zeroshot_retrieval"
     assert rows["bench_user_captions"]["num_examples"] == 4
+    # one Text `caption` per image (as the built-in `shapes`): retrieval with one caption each
+    assert rows["bench_one_caption"]["status"] == "ok" and rows["bench_one_caption"]["task"] == "zeroshot_retrieval"
+    assert rows["bench_one_caption"]["num_examples"] == 4
 
     model = contrastive_jax.load(fixtures["run"])  # the unsharded notebook API: an independent path
     s = fixtures["samples"]

@@ -70,7 +70,8 @@ def tfds_class_names(path: str, label_key: str) -> list[str] | None:
 def tfds_task(path: str) -> tuple[str, str] | None:
     """What an arbitrary prepared TFDS dataset can be benchmarked on, from its features:
     ``('label', 'label')`` (a ClassLabel ``label``: classification), ``('captions', KEY)`` (a
-    ``captions`` sequence of texts, or of dicts with a ``text``: retrieval), else None."""
+    ``captions`` sequence of texts, or of dicts with a ``text``, or a single Text ``caption``:
+    retrieval), else None."""
     import tensorflow_datasets as tfds
 
     features = _builder(path).info.features
@@ -81,6 +82,8 @@ def tfds_task(path: str) -> tuple[str, str] | None:
         if isinstance(inner, tfds.features.FeaturesDict) and "text" in inner:
             return "captions", "captions/text"
         return "captions", "captions"
+    if "caption" in features and isinstance(features["caption"], tfds.features.Text):
+        return "captions", "caption"  # one caption per image (e.g. the built-in `shapes`)
     return None
 
 
@@ -99,7 +102,8 @@ def _as_example(ex: dict, source: TfdsSource) -> dict:
     out = {"image": ex[source.image_key]}
     if source.captions_key:
         caps = _nested(ex, source.captions_key)
-        out["captions"] = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in list(caps)]
+        caps = [caps] if isinstance(caps, (bytes, str)) else list(caps)
+        out["captions"] = [c.decode("utf-8") if isinstance(c, bytes) else str(c) for c in caps]
     elif source.label_fn == "clevr_count":
         # VTAB's CLEVR count task: classes are 3..10 objects.
         out["label"] = len(ex["objects"]["size"]) - 3
