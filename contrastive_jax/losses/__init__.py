@@ -3,7 +3,9 @@
 ``softmax_contrastive_loss`` (CLIP) and ``sigmoid_contrastive_loss`` (SigLIP), each with
 ``impl="dense" | "chunked" | "ring"``, and the objective family of :mod:`.objectives` (DCL,
 hard negatives, CWCL, multi-positive / SupCon / NT-Xent, Symile, distillation, alignment and
-uniformity) on the same implementations; ``make_objective`` maps ``config.loss`` to one.
+uniformity) on the same implementations, and FILIP's token-wise ``filip_loss`` (``[B, L, D]``
+tokens, ``impl="dense" | "chunked"``, optional token pruning ``prune_tokens``);
+``make_objective`` maps ``config.loss`` to one.
 
 Every loss takes the per-example mask as ``valid=`` (``[B]`` bool; the softmax and sigmoid losses
 also accept non-negative float weights there); ``weights=``, its former name on those two, still
@@ -16,7 +18,7 @@ from contrastive_jax.losses.contrastive import (
     sigmoid_contrastive_loss,
     softmax_contrastive_loss,
 )
-from contrastive_jax.losses.filip import filip_loss
+from contrastive_jax.losses.filip import filip_loss, prune_tokens
 from contrastive_jax.losses.objectives import (
     TARGET_FUNCTIONS,
     alignment,
@@ -36,4 +38,5 @@ from contrastive_jax.losses.registry import OBJECTIVES, make_objective, register
 __all__ = ["make_objective", "register_objective", "OBJECTIVES", "softmax_contrastive_loss", "sigmoid_contrastive_loss", "IMPLS", "DEFAULT_BLOCK_SIZE",
            "decoupled_contrastive_loss", "hard_negative_loss", "soft_target_loss", "multi_positive_loss",
            "sigmoid_multi_positive_loss", "nt_xent_loss", "matryoshka_prefixes", "symile_loss",
-           "similarity_distillation_loss", "alignment", "uniformity", "TARGET_FUNCTIONS", "filip_loss"]
+           "similarity_distillation_loss", "alignment", "uniformity", "TARGET_FUNCTIONS", "filip_loss",
+           "prune_tokens"]

@@ -14,7 +14,7 @@ def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # 'softmax' (CLIP InfoNCE) | 'sigmoid' (SigLIP) | 'dcl' | 'dclw' | 'hard_negative' | 'cwcl' |
     # 'multi_positive' | 'supcon' | 'sigmoid_multi_positive' | 'simclr' | 'slip' | 'matryoshka' |
-    # 'symile' | 'distill'
+    # 'symile' | 'distill' | 'filip'
     c.name = "softmax"
     c.impl = "dense"  # 'dense' | 'chunked' | 'ring'
     c.block_size = 1024
@@ -72,6 +72,18 @@ def defaults() -> ml_collections.ConfigDict:
     c.distill.teacher_text = "teacher_text"
     c.distill.teacher_scale = 100.0
     c.distill.clip_weight = 0.0
+
+    # filip (Yao et al. 2022, token-wise late interaction): needs config.model.return_tokens=True
+    # (the model then also outputs image_tokens / text_tokens and their masks; a two_tower model
+    # with vit / transformer towers). Implementations: config.loss.impl 'dense' | 'chunked' (not
+    # 'ring'). block_size: edge of the streamed (block x block) tiles, each holding block^2 * Li *
+    # Lt similarities -- separate from loss.block_size, whose [B, D] tiles are far smaller per
+    # pair. token_fraction in (0, 1]: each side keeps, per example, ceil(fraction * n) of its n
+    # valid tokens, those most similar to the example's pooled embedding, before any similarity is
+    # computed (losses.filip.prune_tokens); 1.0 keeps all.
+    c.filip = ml_collections.ConfigDict()
+    c.filip.block_size = 32
+    c.filip.token_fraction = 1.0
 
     # Alignment / uniformity (Wang & Isola) added to any objective: loss += align_weight *
     # alignment(image, text) + uniform_weight * (uniformity(image) + uniformity(text)) / 2;

@@ -12,6 +12,7 @@ the loss's name, so a new objective needs only a builder registered here.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 import jax
@@ -20,6 +21,8 @@ from jax.sharding import Mesh
 
 from contrastive_jax.losses import objectives as O
 from contrastive_jax.losses.contrastive import sigmoid_contrastive_loss, softmax_contrastive_loss
+from contrastive_jax.losses.filip import IMPLS as FILIP_IMPLS
+from contrastive_jax.losses.filip import filip_loss
 
 Objective = Callable[[dict, dict], tuple[Any, dict]]
 ObjectiveBuilder = Callable[[Any, "Mesh | None", "Sequence[str] | None"], Objective]
@@ -155,7 +158,7 @@ def _matryoshka(loss_config, mesh, batch_axes) -> Objective:
     dims = tuple(int(d) for d in m.dims)
     if not dims:
         raise ValueError("config.loss.name='matryoshka' needs config.model.matryoshka_dims (or loss.matryoshka.dims)")
-    if str(m.base) in ("matryoshka", "symile"):
+    if str(m.base) in ("matryoshka", "symile", "filip"):
         raise ValueError(f"config.loss.matryoshka.base cannot be {m.base!r}")
     weights = tuple(float(w) for w in m.weights) or (1.0,) * len(dims)
     if len(weights) != len(dims):
@@ -220,11 +223,64 @@ def _distill(loss_config, mesh, batch_axes) -> Objective:
     return objective
 
 
+def filip_options(loss_config) -> dict:
+    """The checked ``config.loss`` fields of the FILIP objective: ``impl``, ``block_size``,
+    ``token_fraction`` (ValueError naming the field, one line)."""
+    impl, f = str(loss_config.impl), loss_config.filip
+    if impl not in FILIP_IMPLS:
+        raise ValueError(f"config.loss.impl={impl!r} is not supported by config.loss.name='filip'; valid: "
+                         f"{', '.join(FILIP_IMPLS)}")
+    block = f.block_size
+    if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
+        raise ValueError(f"config.loss.filip.block_size={block!r} is invalid: must be a positive integer")
+    frac = f.token_fraction
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 < float(frac) <= 1.0:
+        raise ValueError(f"config.loss.filip.token_fraction={frac!r} is invalid: must be in (0, 1]")
+    return dict(impl=impl, block_size=int(block), token_fraction=float(frac))
+
+
+def _filip(loss_config, mesh, batch_axes) -> Objective:
+    """FILIP (Yao et al. 2022, "FILIP: Fine-grained Interactive Language-Image Pre-Training"):
+    :func:`contrastive_jax.losses.filip_loss` on the model's ``image_tokens`` / ``text_tokens``
+    ``[B, L, D]`` (unit-norm per token) with ``image_token_mask`` / ``text_token_mask`` (``[B, L]``,
+    non-zero = real token), pruned by ``config.loss.filip.token_fraction`` against the pooled
+    ``image`` / ``text`` embeddings.
+
+    The trainer's model must return tokens: :func:`make_objective` with ``model_config`` rejects
+    ``config.model.return_tokens=False`` (an error naming the field, not a silent switch, so the
+    model config stays the one description of what the model computes). Outputs without tokens
+    (a plain dict built by hand) fall back, with a warning, to the pooled embeddings as one-token
+    sequences, where FILIP is exactly CLIP's InfoNCE.
+
+    On a mesh ``chunked`` all-gathers the text tokens across the batch axes (see
+    :mod:`contrastive_jax.losses.filip`); ``dense`` is left to XLA. Metrics: none beyond the loss
+    (in-batch accuracies would need the B x B FILIP scores, which ``chunked`` never forms).
+    """
+    opts = filip_options(loss_config)
+    axes = tuple(batch_axes) if batch_axes is not None else None
+
+    def objective(out, batch):
+        if "image_tokens" in out and "text_tokens" in out:
+            x, y = out["image_tokens"], out["text_tokens"]
+            xm = out["image_token_mask"] > 0 if "image_token_mask" in out else None
+            ym = out["text_token_mask"] > 0 if "text_token_mask" in out else None
+        else:
+            warnings.warn("config.loss.name='filip': the model outputs hold no image_tokens / text_tokens "
+                          "(config.model.return_tokens=False); the pooled embeddings are used as one-token "
+                          "sequences (= CLIP InfoNCE)", stacklevel=2)
+            x, y, xm, ym = out["image"][:, None], out["text"][:, None], None, None
+        loss = filip_loss(x, y, scale=out["scale"], image_mask=xm, text_mask=ym, image_embed=out["image"],
+                          text_embed=out["text"], mesh=mesh, batch_axes=axes, **opts)
+        return loss, {}
+
+    return objective
+
+
 OBJECTIVES: dict[str, ObjectiveBuilder] = {
     "softmax": _softmax, "sigmoid": _sigmoid, "dcl": _dcl, "dclw": _dclw, "hard_negative": _hard_negative,
     "cwcl": _cwcl, "multi_positive": _multi_positive, "supcon": _supcon,
     "sigmoid_multi_positive": _sigmoid_multi_positive, "simclr": _simclr, "slip": _slip,
-    "matryoshka": _matryoshka, "symile": _symile, "distill": _distill,
+    "matryoshka": _matryoshka, "symile": _symile, "distill": _distill, "filip": _filip,
 }
 
 
@@ -261,7 +317,7 @@ def make_objective(loss_config: Any, mesh: Mesh | None = None, batch_axes: Seque
     Args:
       mesh, batch_axes: the mesh and the axes the batch dim is split over (None: one device).
       model_config: ``config.model``; its ``matryoshka_dims`` are the Matryoshka prefixes unless
-        ``loss.matryoshka.dims`` is set.
+        ``loss.matryoshka.dims`` is set; ``loss.name='filip'`` requires its ``return_tokens``.
 
     Raises:
       ValueError: an unknown ``config.loss.name`` (the message lists the known ones), or an
@@ -270,6 +326,9 @@ def make_objective(loss_config: Any, mesh: Mesh | None = None, batch_axes: Seque
     name = loss_config.name
     if name not in OBJECTIVES:
         raise ValueError(f"unknown config.loss.name {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
+    if name == "filip" and model_config is not None and not model_config.get("return_tokens", False):
+        raise ValueError("config.loss.name='filip' needs config.model.return_tokens=True (the towers' token "
+                         "embeddings); set it, e.g. --config.model.return_tokens=true")
     if model_config is not None and "matryoshka" in loss_config and not tuple(loss_config.matryoshka.dims):
         dims = tuple(model_config.get("matryoshka_dims", ()) or ())
         if dims:

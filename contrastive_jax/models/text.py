@@ -85,8 +85,14 @@ class TextTransformer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
-        """tokens ``[B, L]`` int (0 = pad) -> features ``[B, width]`` in ``dtype``."""
+    def __call__(self, tokens: jax.Array, *, train: bool = False, return_tokens: bool = False):
+        """tokens ``[B, L]`` int (0 = pad) -> features ``[B, width]`` in ``dtype``.
+
+        ``return_tokens=True`` (FILIP's token-wise loss): ``(features, token_features [B, L,
+        width], token_mask [B, L] bool)``, the encoder's output at every position and True for the
+        real tokens (non-pad; with ``eos_id >= 0`` the positions up to the first EOS), whatever
+        ``mask_pad``. The parameters are the same either way.
+        """
         del train
         if self.pool not in POOL_TYPES:
             raise ValueError(f"unknown text pool {self.pool!r}; expected one of {POOL_TYPES}")
@@ -128,6 +134,7 @@ class TextTransformer(nn.Module):
             valid = tokens != PAD_ID  # [B, L]
             # EOS = last non-pad token; an all-pad row pools position 0 rather than wrapping to -1.
             eos = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)
+        token_mask = valid
         if not self.mask_pad:
             valid = jnp.ones_like(valid)
         # Keys: [B, 1, 1, L]. The causal part is the encoder's `causal` flag rather than a dense
@@ -140,8 +147,12 @@ class TextTransformer(nn.Module):
         )(x, key_mask)
 
         if self.pool == "last":
-            return x[:, -1]
-        if self.pool == "map":
-            return MAPHead(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, norm_eps=self.norm_eps,
-                           attention_impl=self.attention_impl, name="map")(x, key_mask)
-        return jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]
+            pooled = x[:, -1]
+        elif self.pool == "map":
+            pooled = MAPHead(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, norm_eps=self.norm_eps,
+                             attention_impl=self.attention_impl, name="map")(x, key_mask)
+        else:
+            pooled = jnp.take_along_axis(x, eos[:, None, None], axis=1)[:, 0]
+        if return_tokens:
+            return pooled, x, token_mask
+        return pooled

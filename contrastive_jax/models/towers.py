@@ -8,6 +8,11 @@ Contract shared by both (the train step and evaluation rely on it):
 - ``model.apply(vars, *inputs, train=...)`` takes the inputs positionally in that order and
   returns ``{name: [B, D] float32 L2-normalized for each modality, 'scale': [] float32 (exp of
   the clamped log-scale), 'bias': [] float32}``.
+- ``TwoTower(return_tokens=True)`` (``config.model.return_tokens``, for FILIP's token-wise loss)
+  adds ``image_tokens [B, Li, D]`` / ``text_tokens [B, Lt, D]`` (float32, each token projected by
+  its tower's head and L2-normalized) and ``image_token_mask [B, Li]`` / ``text_token_mask [B, Lt]``
+  (float32 1/0, 1 for real tokens; float so that the outputs dict stays differentiable for
+  GradCache). Default False: outputs, params and memory as without the flag.
 - ``model.apply(vars, name, x, method='encode')`` embeds one modality (``[B, D]`` float32,
   unit norm). Randomness at train time (patch dropout) comes from the rng stream ``'dropout'``.
 
@@ -21,6 +26,7 @@ Param tree (top level)::
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
@@ -122,6 +128,10 @@ class TwoTower(_ScaleBias):
         head_act: its activation. head_bias: whether head layers have biases (CLIP: none).
       image_head / text_head: that tower's head kind when it differs from ``head`` (``''``: ``head``);
         SigLIP: ``image_head='none'`` (its MAP head ends at the joint width), a linear text head.
+      return_tokens: also return the per-token embeddings and masks (see the module docstring):
+        each token goes through the same head as the pooled feature and is L2-normalized, as in
+        FILIP (Yao et al. 2022). Needs towers whose ``__call__`` takes ``return_tokens`` (ViT,
+        the transformer text tower). No parameter depends on it.
       dtype: compute dtype of the heads (the towers carry their own); from ``model.dtype``.
     """
 
@@ -137,6 +147,7 @@ class TwoTower(_ScaleBias):
     head_bias: bool = False
     image_head: str = ""
     text_head: str = ""
+    return_tokens: bool = False
     dtype: Dtype = jnp.float32
 
     modalities = ("image", "text")
@@ -163,9 +174,26 @@ class TwoTower(_ScaleBias):
             return self.encode_text(x, train=train)
         raise ValueError(f"TwoTower has modalities {self.modalities}, not {name!r}")
 
+    def _with_tokens(self, images: jax.Array, texts: jax.Array, train: bool) -> dict[str, jax.Array]:
+        """Pooled and per-token embeddings from one pass of each tower."""
+        out = {}
+        for name, tower, head, x in (("image", self.image, self.image_proj, images),
+                                     ("text", self.text, self.text_proj, texts)):
+            if "return_tokens" not in inspect.signature(type(tower).__call__).parameters:
+                raise ValueError(f"model.return_tokens=True needs a {name} tower that returns token features "
+                                 f"(vit / transformer); {type(tower).__name__} does not")
+            pooled, tokens, mask = tower(x, train=train, return_tokens=True)
+            out[name] = l2_normalize(head(pooled))
+            out[f"{name}_tokens"] = l2_normalize(head(tokens))
+            out[f"{name}_token_mask"] = mask.astype(jnp.float32)
+        return out
+
     def __call__(self, images: jax.Array, texts: jax.Array, *, train: bool = False) -> dict[str, jax.Array]:
-        """Returns ``dict(image=[B, D] f32, text=[B, D] f32, scale=[] f32, bias=[] f32)``."""
+        """Returns ``dict(image=[B, D] f32, text=[B, D] f32, scale=[] f32, bias=[] f32)`` (plus
+        the token outputs with ``return_tokens``, see the module docstring)."""
         scale, bias = self.scale_and_bias()
+        if self.return_tokens:
+            return dict(self._with_tokens(images, texts, train), scale=scale, bias=bias)
         return dict(
             image=self.encode_image(images, train=train),
             text=self.encode_text(texts, train=train),

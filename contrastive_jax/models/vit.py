@@ -157,8 +157,14 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
-        """images ``[B, H, W, C]`` float -> features ``[B, width]`` in ``dtype``."""
+    def __call__(self, images: jax.Array, *, train: bool = False, return_tokens: bool = False):
+        """images ``[B, H, W, C]`` float -> features ``[B, width]`` in ``dtype``.
+
+        ``return_tokens=True`` (FILIP's token-wise loss): ``(features, tokens [B, N, width],
+        token_mask [B, N] bool)``, the encoder's output for the N patch tokens (after its final
+        LayerNorm; the class token left out; at train time with ``patch_dropout`` the kept ones);
+        the mask is all True. The parameters are the same either way.
+        """
 
         if self.pool not in POOL_TYPES:
             raise ValueError(f"unknown pool {self.pool!r}; expected one of {POOL_TYPES}")
@@ -228,12 +234,16 @@ class VisionTransformer(nn.Module):
             name="encoder",
         )(x)
         if use_cls:
-            return x[:, 0]
-        if self.pool == "map":
-            return MAPHead(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, norm_eps=self.norm_eps,
-                           attention_impl=self.attention_impl, name="map")(x)
-        # Mean in float32: summing many bf16 tokens loses precision.
-        return jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype)
+            pooled, patches = x[:, 0], x[:, 1:]
+        elif self.pool == "map":
+            pooled, patches = MAPHead(self.num_heads, self.mlp_dim, self.act, dtype=self.dtype, norm_eps=self.norm_eps,
+                                      attention_impl=self.attention_impl, name="map")(x), x
+        else:
+            # Mean in float32: summing many bf16 tokens loses precision.
+            pooled, patches = jnp.mean(x.astype(jnp.float32), axis=1).astype(self.dtype), x
+        if return_tokens:
+            return pooled, patches, jnp.ones(patches.shape[:2], bool)
+        return pooled
 
     def _conv(self, features: int, kernel, strides, padding: str, name: str, use_bias: bool) -> nn.Conv:
         return nn.Conv(

@@ -550,6 +550,23 @@ def _model_build_problems(cfg: Any) -> list[str]:
     return []
 
 
+def _objective_problems(cfg: Any) -> list[str]:
+    """What the objective builder rejects (``config.loss.filip.token_fraction=2.0 is invalid``,
+    ``loss.name='filip'`` without ``model.return_tokens``): building the objective is a closure
+    over its options, no devices."""
+    if _field(cfg, "loss") is _MISSING or _field(cfg, "model") is _MISSING:
+        return []
+    from contrastive_jax import losses
+
+    try:
+        losses.make_objective(cfg.loss, None, None, model_config=cfg.model)
+    except ValueError as e:
+        return [" ".join(str(e).split())]
+    except Exception:  # anything else is the full builder's to report, with its context
+        return []
+    return []
+
+
 def _model_data_problems(cfg: Any) -> list[str]:
     problems = []
     size = _field(cfg, "data.image_size")
@@ -608,7 +625,7 @@ def check_config(cfg: Any, overridden: Sequence[str] = (), *, warn: bool = True)
     warnings: list[str] = []
     problems = (_mesh_problems(cfg) + _range_problems(cfg) + _duration_problems(cfg, overridden, warn, warnings)
                 + _model_data_problems(cfg))
-    problems = problems or _model_build_problems(cfg)  # only a config that is otherwise in range
+    problems = problems or _model_build_problems(cfg) or _objective_problems(cfg)  # only once otherwise in range
     if problems:
         raise ConfigError("; ".join(problems))
     for message in warnings:  # only for a config that is otherwise fine: an error stays one line
