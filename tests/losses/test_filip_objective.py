@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from contrastive_jax import losses as L
-from contrastive_jax.losses import config as loss_config
+from tests.losses.test_objectives_registry import cfg as registry_cfg
 from contrastive_jax.losses.filip import filip_loss, keep_count, prune_tokens
 from contrastive_jax.train import load_config
 from test_filip import _reference, _unit
@@ -23,15 +23,7 @@ B, LI, LT, D = 16, 6, 5, 8
 
 
 def cfg(**fields):
-    c = loss_config.defaults()
-    c.name = "filip"
-    for k, v in fields.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return registry_cfg("filip", **fields)
 
 
 def model_outputs(seed=0):
