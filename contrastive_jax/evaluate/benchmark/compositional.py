@@ -387,21 +387,14 @@ def _load_image(spec: tuple[str, tuple[float, float, float, float] | None]):
     return img
 
 
-def _encode_images(model, specs: list, batch_size: int, bar: _Progress) -> np.ndarray:
-    """Unit float64 ``[len(specs), D]``; images are read lazily, ``batch_size`` at a time."""
+def _encode(encode: Callable, items: list, batch_size: int, bar: _Progress,
+            load: Callable = lambda item: item) -> np.ndarray:
+    """Unit float64 ``[len(items), D]`` of ``encode`` over ``items``, ``batch_size`` at a time;
+    ``load`` turns an item into the encoder's input as its batch comes up (images are read lazily)."""
     out = []
-    for i in range(0, len(specs), batch_size):
-        chunk = [_load_image(s) for s in specs[i:i + batch_size]]
-        out.append(_unit(model.encode_images(chunk)))
-        bar.update(len(chunk))
-    return np.concatenate(out) if out else np.zeros((0, 1))
-
-
-def _encode_texts(model, texts: list[str], batch_size: int, bar: _Progress) -> np.ndarray:
-    out = []
-    for i in range(0, len(texts), batch_size):
-        chunk = texts[i:i + batch_size]
-        out.append(_unit(model.encode_texts(chunk)))
+    for i in range(0, len(items), batch_size):
+        chunk = [load(x) for x in items[i:i + batch_size]]
+        out.append(_unit(encode(chunk)))
         bar.update(len(chunk))
     return np.concatenate(out) if out else np.zeros((0, 1))
 
@@ -423,8 +416,8 @@ def _embed(model, name: str, image_specs: list, texts: list[str], batch_size: in
     utxt, tidx = _unique(texts)
     bar = _Progress(len(uimg) + len(utxt), name, progress)
     try:
-        img = _encode_images(model, uimg, batch_size, bar)
-        txt = _encode_texts(model, utxt, batch_size, bar)
+        img = _encode(model.encode_images, uimg, batch_size, bar, load=_load_image)
+        txt = _encode(model.encode_texts, utxt, batch_size, bar)
     finally:
         bar.close()
     return img[iidx], txt[tidx]
