@@ -81,7 +81,11 @@ class ExampleProcessor:
     """One source record -> one training/eval example (numpy), or :class:`BadRecordError`.
 
     Output: ``image`` uint8 [S, S, 3] (view 0), ``image_views`` uint8 [V, S, S, 3] when V >= 2,
-    ``text`` int32 [max_len] (datasets with text), int32 scalar labels, extra features unchanged.
+    ``image_local_views`` uint8 [N, s, s, 3] when training with ``local_views = N >= 1``
+    (multi-crop, SwAV; ``s = local_view_size``), ``text`` int32 [max_len] (datasets with text),
+    int32 scalar labels, extra features unchanged. Every view draws from its own generator
+    seeded ``(seed, index, 1 + v)`` -- global view ``v`` in ``0..V-1``, local crop ``n`` as
+    ``v = V + n`` -- so adding local crops leaves the global views unchanged.
 
     Args:
       entry: the dataset's :class:`DatasetEntry` (field names, labels, extras).
@@ -110,6 +114,17 @@ class ExampleProcessor:
         if not 0.0 <= self.mask_prob < 1.0:
             raise ValueError(f"config.data.text_mask_prob={data_config.text_mask_prob} must be in [0, 1)")
         self.transform = ImageTransform(self.size, data_config.augment if train else None)
+        self.local_views, self.local_transform = 0, None
+        if train:
+            n, local = data_config.get("local_views", 0), data_config.get("local_view_size", 0)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"config.data.local_views={n!r} is invalid: must be an integer >= 0 (0 = no multi-crop)")
+            if n and (isinstance(local, bool) or not isinstance(local, int) or not 0 < local <= self.size):
+                raise ValueError(f"config.data.local_view_size={local!r} is invalid: must be an integer in "
+                                 f"[1, image_size={self.size}] (pixels)")
+            if n:
+                self.local_views = n
+                self.local_transform = ImageTransform(local, data_config.augment, local=True)
 
     def key_of(self, record: dict) -> str:
         if self.entry.key_field and self.entry.key_field in record:
@@ -125,6 +140,13 @@ class ExampleProcessor:
         except BadImageError as e:
             raise BadRecordError(e.reason, str(e)) from None
         return self.transform(img, rng)
+
+    def _local(self, data: Any, rng: np.random.Generator) -> np.ndarray:
+        try:
+            img = decode_image(data, draft_size=self.size)
+        except BadImageError as e:
+            raise BadRecordError(e.reason, str(e)) from None
+        return self.local_transform(img, rng)
 
     def __call__(self, record: dict, index: int) -> dict:
         e = self.entry
@@ -153,6 +175,9 @@ class ExampleProcessor:
         out["image"] = views[0]
         if self.num_views >= 2:
             out["image_views"] = np.stack(views)
+        if self.local_views:
+            out["image_local_views"] = np.stack([self._local(image_data, np.random.default_rng(
+                [self.seed, index, 1 + self.num_views + n])) for n in range(self.local_views)])
         for key in e.label_keys:
             out[key] = np.int32(record[key])
         for key in e.extra_features:
@@ -160,6 +185,19 @@ class ExampleProcessor:
                 raise BadRecordError("bad_record", f"record has no extra feature {key!r}")
             out[key] = np.asarray(record[key])
         return out
+
+
+_EXAMPLE_ID = "__example_id__"
+
+
+def _with_example_id(index: int, record: Any) -> Any:
+    """The record with its position in the training split attached: the batch's ``example_id``
+    (a stable id per example across epochs and resumes, for objectives with per-example state
+    such as iSogCLR)."""
+    if isinstance(record, dict):
+        record = dict(record)
+        record[_EXAMPLE_ID] = index
+    return record
 
 
 class _ProcessOrReplace(grain.MapDataset):
@@ -190,6 +228,8 @@ class _ProcessOrReplace(grain.MapDataset):
                 if k == 0:
                     reason, key = _REASON_CODE[e.reason], self._processor.key_of(record)
                 continue
+            if _EXAMPLE_ID in record:
+                ex["example_id"] = np.int32(record[_EXAMPLE_ID])
             ex["_skip_reason"] = np.int32(reason)
             ex["_skip_key"] = np.frombuffer(key.encode("utf-8")[:64].ljust(64, b"\0"), np.uint8)
             return ex
@@ -226,7 +266,7 @@ class _NormalizeImages(grain.transforms.Map):
 
     def map(self, batch: dict) -> dict:
         batch = dict(batch)
-        for key in ("image", "image_views"):
+        for key in ("image", "image_views", "image_local_views"):
             if key in batch:
                 batch[key] = normalize_images(batch[key], self._mean, self._std)
         return batch
@@ -324,8 +364,11 @@ def make_train_iterator(
       A :class:`TrainIterator` yielding dicts for b = G / process_count examples: ``image``
       float32 [b, H, W, 3] normalized with ``data_config.mean/std``; with ``num_views >= 2`` also
       ``image_views`` float32 [b, V, H, W, 3] (``image`` is view 0); ``text`` int32 [b, max_len]
-      (datasets with captions); int32 [b] labels (``kind``, ``color``, ``size``, ``position`` for
-      shapes); the dataset's extra features stacked ``[b, ...]``. ``get_state()`` returns a
+      (datasets with captions); ``image_local_views`` float32 [b, N, s, s, 3] with
+      ``local_views = N >= 1`` (multi-crop); int32 [b] labels (``kind``, ``color``, ``size``, ``position`` for
+      shapes); the dataset's extra features stacked ``[b, ...]``; ``example_id`` int32 [b], each
+      example's index in the training split (stable across epochs; with the replacement of a bad
+      record, the id of the record used). ``get_state()`` returns a
       JSON-serializable dict; ``set_state`` resumes exactly there; ``stats()`` the counters.
     """
     if process_index is None:
@@ -363,7 +406,7 @@ def make_train_iterator(
                          f"examples): use a batch size <= {len(source)} or a bigger dataset")
     processor = ExampleProcessor(entry, tokenizer, data_config, train=True, seed=int(seed))
     source = _ReopenedSource(data_config, data_config.train_split, source)
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    ds = grain.MapDataset.source(source).map_with_index(_with_example_id).shuffle(seed=seed).repeat(None)
     ds = _ProcessOrReplace(ds, processor)
     # Blocks of host_batch consecutive stream elements; block k belongs to host k mod P, so
     # host p's i-th batch is rows [p*b, (p+1)*b) of global batch i. MapDataset batching is lazy:

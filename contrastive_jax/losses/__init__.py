@@ -5,7 +5,8 @@
 hard negatives, CWCL, multi-positive / SupCon / NT-Xent, Symile, distillation, alignment and
 uniformity) on the same implementations, and FILIP's token-wise ``filip_loss`` (``[B, L, D]``
 tokens, ``impl="dense" | "chunked"``, optional token pruning ``prune_tokens``);
-``make_objective`` maps ``config.loss`` to one.
+``make_objective`` maps ``config.loss`` to one. Objectives with state across steps (iSogCLR, MoCo,
+SwAV) follow :class:`StatefulObjective`.
 
 Every loss takes the per-example mask as ``valid=`` (``[B]`` bool; the softmax and sigmoid losses
 also accept non-negative float weights there); ``weights=``, its former name on those two, still
@@ -34,9 +35,10 @@ from contrastive_jax.losses.objectives import (
     uniformity,
 )
 from contrastive_jax.losses.registry import OBJECTIVES, make_objective, register_objective
+from contrastive_jax.losses.stateful import StatefulObjective, is_stateful
 
 __all__ = ["make_objective", "register_objective", "OBJECTIVES", "softmax_contrastive_loss", "sigmoid_contrastive_loss", "IMPLS", "DEFAULT_BLOCK_SIZE",
            "decoupled_contrastive_loss", "hard_negative_loss", "soft_target_loss", "multi_positive_loss",
            "sigmoid_multi_positive_loss", "nt_xent_loss", "matryoshka_prefixes", "symile_loss",
            "similarity_distillation_loss", "alignment", "uniformity", "TARGET_FUNCTIONS", "filip_loss",
-           "prune_tokens"]
+           "prune_tokens", "StatefulObjective", "is_stateful"]

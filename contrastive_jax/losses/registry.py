@@ -8,10 +8,13 @@ builder ``fn(loss_config, mesh, batch_axes) -> objective``; the objective receiv
 * ``batch``: the global batch dict (for objectives that need labels or group ids),
 
 and returns a float32 scalar loss plus a dict of float32 scalar metrics. The trainer never looks at
-the loss's name, so a new objective needs only a builder registered here.
+the loss's name, so a new objective needs only a builder registered here. A builder may instead
+return a :class:`contrastive_jax.losses.StatefulObjective` (state across steps, optionally a
+teacher network); the train step then threads its state through ``TrainState.loss_state``.
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -23,6 +26,7 @@ from contrastive_jax.losses import objectives as O
 from contrastive_jax.losses.contrastive import sigmoid_contrastive_loss, softmax_contrastive_loss
 from contrastive_jax.losses.filip import IMPLS as FILIP_IMPLS
 from contrastive_jax.losses.filip import filip_loss
+from contrastive_jax.losses.stateful import is_stateful
 
 Objective = Callable[[dict, dict], tuple[Any, dict]]
 ObjectiveBuilder = Callable[[Any, "Mesh | None", "Sequence[str] | None"], Objective]
@@ -276,11 +280,23 @@ def _filip(loss_config, mesh, batch_axes) -> Objective:
     return objective
 
 
+def _lazy(module: str) -> ObjectiveBuilder:
+    """The ``build(loss_config, mesh, batch_axes)`` of ``contrastive_jax.losses.<module>``,
+    imported when the objective is first built."""
+
+    def builder(loss_config, mesh, batch_axes):
+        return importlib.import_module(f"contrastive_jax.losses.{module}").build(loss_config, mesh, batch_axes)
+
+    return builder
+
+
 OBJECTIVES: dict[str, ObjectiveBuilder] = {
     "softmax": _softmax, "sigmoid": _sigmoid, "dcl": _dcl, "dclw": _dclw, "hard_negative": _hard_negative,
     "cwcl": _cwcl, "multi_positive": _multi_positive, "supcon": _supcon,
     "sigmoid_multi_positive": _sigmoid_multi_positive, "simclr": _simclr, "slip": _slip,
     "matryoshka": _matryoshka, "symile": _symile, "distill": _distill, "filip": _filip,
+    # Stateful (losses.StatefulObjective): the step threads their state through TrainState.loss_state.
+    "isogclr": _lazy("isogclr"), "moco": _lazy("moco"), "swav": _lazy("swav"),
 }
 
 
@@ -295,6 +311,9 @@ def _with_regularizers(objective: Objective, loss_config, mesh, batch_axes) -> O
     report = bool(loss_config.get("align_uniform_metrics", False))
     if not (wa or wu or report):
         return objective
+    if is_stateful(objective):
+        raise ValueError(f"config.loss.align_weight / uniform_weight / align_uniform_metrics are not supported by "
+                         f"the stateful objective config.loss.name={loss_config.name!r}; leave them at 0 / False")
     t = float(loss_config.get("uniform_t", 2.0))
     kw = _kw(loss_config, mesh, batch_axes)
 

@@ -140,6 +140,8 @@ class Training:
       shardings: the state's NamedShardings (same structure).
       step: the jitted ``train_step(state, batch) -> (state, metrics)``
         (:func:`contrastive_jax.train.step.make_train_step`).
+      objective: the objective the step optimizes (``losses.make_objective(config.loss, ...)``);
+        a :class:`contrastive_jax.losses.StatefulObjective` also initializes ``state.loss_state``.
     """
 
     config: Any
@@ -154,12 +156,13 @@ class Training:
     abstract_state: TrainState
     shardings: TrainState
     step: Callable[[TrainState, dict], tuple[TrainState, dict]]
+    objective: Any = None
 
     def init_state(self, seed: int | None = None) -> TrainState:
         """A fresh state created directly in its sharded layout (``seed``: default ``config.seed``)."""
         seed = int(self.config.seed) if seed is None else int(seed)
         return init_train_state(self.model, self.tx, self.inputs, self.shardings, seed=seed,
-                                ema=self.abstract_state.ema_params is not None)
+                                ema=self.abstract_state.ema_params is not None, objective=self.objective)
 
     def batch_spec(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
         """The model inputs of a global batch as the data pipeline delivers them (images uint8
@@ -203,11 +206,14 @@ def build_training(config: Any, mesh: Mesh | None = None, *, tokenizer: Any = No
     built = build_model(config, tokenizer)
     tx, schedule = make_optimizer(config.optim, durations.total, warmup_steps=durations.warmup)
     options = StepOptions.from_config(config)
-    abstract, shardings = abstract_train_state(built.model, tx, built.inputs, rules=config.sharding.rules, mesh=mesh,
-                                               ema=options.ema_decay > 0, sharding=config.sharding)
     objective = losses.make_objective(config.loss, mesh, batch_axes, model_config=config.model)
+    # An objective's teacher (momentum encoder) lives in the EMA slot.
+    ema = options.ema_decay > 0 or bool(getattr(objective, "teacher", False))
+    abstract, shardings = abstract_train_state(built.model, tx, built.inputs, rules=config.sharding.rules, mesh=mesh,
+                                               ema=ema, sharding=config.sharding, objective=objective,
+                                               batch_axes=batch_axes)
     step = make_train_step(built.model, (tx, schedule), objective,
                            Placement(mesh, batch_axes, shardings, config.sharding), options, donate=donate, jit=jit)
     return Training(config=config, mesh=mesh, batch_axes=batch_axes, model=built.model, modalities=built.modalities,
                     inputs=built.inputs, tx=tx, schedule=schedule, durations=durations, abstract_state=abstract,
-                    shardings=shardings, step=step)
+                    shardings=shardings, step=step, objective=objective)

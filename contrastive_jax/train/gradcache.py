@@ -59,7 +59,7 @@ def _is_per_example(leaf: jax.Array) -> bool:
     return leaf.ndim >= 2
 
 
-def _global_outputs(stacked: dict) -> dict:
+def global_outputs(stacked: dict) -> dict:
     """Outputs stacked over micro-batches -> whole-batch outputs (global scalars from the first)."""
     return jax.tree.map(lambda y: merge_microbatches(y) if _is_per_example(y) else y[0], stacked)
 
@@ -101,7 +101,7 @@ def gradcache_value_and_grad(
         return carry, forward(params, i)
 
     _, stacked = jax.lax.scan(embed, None, index)
-    outputs = _global_outputs(stacked)
+    outputs = global_outputs(stacked)
 
     # Pass 2: the loss on the whole batch, differentiated w.r.t. the outputs.
     (loss, metrics), g_out = jax.value_and_grad(objective, has_aux=True)(outputs, batch)
@@ -158,7 +158,7 @@ def averaged_value_and_grad(
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     grads, (losses, metrics, stacked) = jax.lax.scan(one, zeros, jnp.arange(n))
-    outputs = _global_outputs(stacked)
+    outputs = global_outputs(stacked)
     return (jnp.mean(losses), jax.tree.map(jnp.mean, metrics), outputs), grads
 
 

@@ -27,6 +27,9 @@ class TrainState:
       ema_params: exponential moving average of ``params`` (``config.optim.ema_decay > 0``), else
         None.
       nonfinite_steps: int32 scalar, steps whose update was skipped for a NaN/inf loss or gradient.
+      loss_state: the state of a stateful objective (:class:`contrastive_jax.losses.
+        StatefulObjective`: per-example temperatures, queues, ...), else None. For objectives with
+        a teacher, ``ema_params`` holds the teacher (momentum encoder).
     """
 
     step: jax.Array
@@ -35,13 +38,15 @@ class TrainState:
     rng: jax.Array
     ema_params: Any = None
     nonfinite_steps: jax.Array | None = None
+    loss_state: Any = None
 
 
 def state_shardings(abstract_state: TrainState, tx: optax.GradientTransformation, rules: Sequence, mesh: Mesh,
-                    params_sh: Any = None) -> TrainState:
+                    params_sh: Any = None, loss_state_specs: Any = None) -> TrainState:
     """NamedShardings for every leaf of the state: params by ``rules`` (or the given
-    ``params_sh``), optimizer moments and EMA like the parameters they track, everything else
-    (step, counts, rng) replicated."""
+    ``params_sh``), optimizer moments and EMA like the parameters they track, the objective's
+    state by ``loss_state_specs`` (PartitionSpecs; None: replicated), everything else (step,
+    counts, rng) replicated."""
     replicated = NamedSharding(mesh, P())
     if params_sh is None:
         params_sh = tree_shardings(abstract_state.params, rules, mesh)
@@ -55,11 +60,18 @@ def state_shardings(abstract_state: TrainState, tx: optax.GradientTransformation
         is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )
     ema_sh = None if abstract_state.ema_params is None else params_sh
+    loss_sh = None
+    if abstract_state.loss_state is not None:
+        specs = loss_state_specs if loss_state_specs is not None else jax.tree.map(lambda _: P(),
+                                                                                    abstract_state.loss_state)
+        loss_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
     return TrainState(step=replicated, params=params_sh, opt_state=opt_sh, rng=replicated,
-                      ema_params=ema_sh, nonfinite_steps=replicated)
+                      ema_params=ema_sh, nonfinite_steps=replicated, loss_state=loss_sh)
 
 
-def _init_fn(model: nn.Module, tx: optax.GradientTransformation, sample_inputs: Sequence[Any], ema: bool):
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, sample_inputs: Sequence[Any], ema: bool,
+             objective: Any = None):
+    init_loss_state = getattr(objective, "init_state", None)
     samples = [jax.ShapeDtypeStruct((1,) + tuple(x.shape[1:]), x.dtype) for x in sample_inputs]
 
     def init(rng):
@@ -73,36 +85,47 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, sample_inputs: 
             rng=jax.random.key_data(state_rng) if jnp.issubdtype(state_rng.dtype, jax.dtypes.prng_key) else state_rng,
             ema_params=jax.tree.map(jnp.copy, params) if ema else None,
             nonfinite_steps=jnp.zeros((), jnp.int32),
+            loss_state=None if init_loss_state is None else init_loss_state(),
         )
 
     return init
 
 
-def _shardings(model, tx, sample_inputs, abstract, rules, mesh, sharding):
+def _shardings(model, tx, sample_inputs, abstract, rules, mesh, sharding, loss_specs=None):
     if sharding is None:
-        return state_shardings(abstract, tx, rules, mesh)
+        return state_shardings(abstract, tx, rules, mesh, loss_state_specs=loss_specs)
     # config.sharding: logical-axis rules (or its regex rules) from the boxed parameter metadata.
     zeros = [jnp.zeros((1,) + tuple(x.shape[1:]), x.dtype) for x in sample_inputs]
     boxed = jax.eval_shape(lambda r: model.init(r, *zeros), jax.random.PRNGKey(0))["params"]
-    return state_shardings(abstract, tx, rules, mesh, params_sh=param_shardings(boxed, sharding, mesh))
+    return state_shardings(abstract, tx, rules, mesh, params_sh=param_shardings(boxed, sharding, mesh),
+                           loss_state_specs=loss_specs)
 
 
 def abstract_train_state(
     model: nn.Module, tx: optax.GradientTransformation, sample_inputs: Sequence[Any], *, rules: Sequence,
-    mesh: Mesh, ema: bool = False, sharding: Any = None,
+    mesh: Mesh, ema: bool = False, sharding: Any = None, objective: Any = None,
+    batch_axes: Sequence[str] | None = None,
 ) -> tuple[TrainState, TrainState]:
     """``(abstract_state, shardings)``: the state's shapes/dtypes (``jax.ShapeDtypeStruct``) and
-    placement, without allocating anything (for restoring a checkpoint straight into place)."""
-    abstract = jax.eval_shape(_init_fn(model, tx, sample_inputs, ema), jax.random.PRNGKey(0))
-    return abstract, _shardings(model, tx, sample_inputs, abstract, rules, mesh, sharding)
+    placement, without allocating anything (for restoring a checkpoint straight into place).
+
+    ``objective``: a stateful objective (:class:`contrastive_jax.losses.StatefulObjective`) whose
+    ``init_state`` becomes ``loss_state``, placed by its ``state_specs(batch_axes)``; any other
+    objective (or None): ``loss_state`` is None."""
+    abstract = jax.eval_shape(_init_fn(model, tx, sample_inputs, ema, objective), jax.random.PRNGKey(0))
+    specs = None
+    if abstract.loss_state is not None:
+        specs = objective.state_specs(tuple(batch_axes) if batch_axes is not None else None)
+    return abstract, _shardings(model, tx, sample_inputs, abstract, rules, mesh, sharding, specs)
 
 
 def init_train_state(model: nn.Module, tx: optax.GradientTransformation, sample_inputs: Sequence[Any],
-                     shardings: TrainState, *, seed: int, ema: bool = False) -> TrainState:
+                     shardings: TrainState, *, seed: int, ema: bool = False, objective: Any = None) -> TrainState:
     """The initial state, created by one jitted init with ``out_shardings=shardings``, so no
     device ever holds an unsharded copy of the parameters. ``shardings``: from
-    :func:`abstract_train_state` with the same model, ``tx``, inputs and ``ema``."""
-    return jax.jit(_init_fn(model, tx, sample_inputs, ema), out_shardings=shardings)(jax.random.PRNGKey(seed))
+    :func:`abstract_train_state` with the same model, ``tx``, inputs, ``ema`` and ``objective``."""
+    init = _init_fn(model, tx, sample_inputs, ema, objective)
+    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
 
 
 def create_train_state(
@@ -115,6 +138,8 @@ def create_train_state(
     mesh: Mesh,
     ema: bool = False,
     sharding: Any = None,
+    objective: Any = None,
+    batch_axes: Sequence[str] | None = None,
 ) -> tuple[TrainState, TrainState]:
     """Initializes the state already sharded (:func:`abstract_train_state`, then
     :func:`init_train_state`).
@@ -126,9 +151,12 @@ def create_train_state(
       sharding: ``config.sharding``; when given, parameters are placed by
         :func:`contrastive_jax.parallel.param_shardings` (its ``logical_rules`` if set, else its
         regex ``rules``) instead of by ``rules``.
+      objective, batch_axes: a stateful objective's state becomes ``loss_state`` (see
+        :func:`abstract_train_state`).
 
     Returns:
       ``(state, shardings)``.
     """
-    _, shardings = abstract_train_state(model, tx, sample_inputs, rules=rules, mesh=mesh, ema=ema, sharding=sharding)
-    return init_train_state(model, tx, sample_inputs, shardings, seed=seed, ema=ema), shardings
+    _, shardings = abstract_train_state(model, tx, sample_inputs, rules=rules, mesh=mesh, ema=ema, sharding=sharding,
+                                        objective=objective, batch_axes=batch_axes)
+    return init_train_state(model, tx, sample_inputs, shardings, seed=seed, ema=ema, objective=objective), shardings

@@ -26,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from contrastive_jax.data.transforms import normalize_images
 from contrastive_jax.parallel.logical import uses_logical_rules, with_activation_rules
 from contrastive_jax.parallel.mesh import batch_sharding
-from contrastive_jax.train.gradcache import value_and_grad_fn
+from contrastive_jax.losses.stateful import is_stateful
+from contrastive_jax.train.gradcache import global_outputs, take_microbatch, value_and_grad_fn
 from contrastive_jax.train.optim import trainable_mask
 from contrastive_jax.train.state import TrainState
 
@@ -62,7 +63,7 @@ def tower_grad_norms(grads: Any) -> dict[str, jax.Array]:
 
 
 def _guarded_update(tx: optax.GradientTransformation, state: TrainState, grads: Any, mask: Any,
-                    finite: jax.Array, ema_decay: float) -> tuple[Any, Any, Any]:
+                    finite: jax.Array, ema_decay: float | jax.Array) -> tuple[Any, Any, Any]:
     """``(params, opt_state, ema_params)`` after the update, or unchanged where not ``finite``.
 
     ``grads``: the trainable subtree's gradient (None at frozen leaves, which keep their bits).
@@ -82,9 +83,58 @@ def _guarded_update(tx: optax.GradientTransformation, state: TrainState, grads: 
     opt_state = keep_if_bad(opt_state, state.opt_state)
     ema = state.ema_params
     if ema is not None:
-        d = jnp.float32(ema_decay)
+        d = jnp.asarray(ema_decay, jnp.float32)
         ema = keep_if_bad(jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params), ema)
     return params, opt_state, ema
+
+
+_LOSS_STATE = "_loss_state"
+
+
+def _closed_objective(objective: Any, state: TrainState, apply_fn: Callable, inputs: list, rng: jax.Array, n: int,
+                      ema_decay: Any) -> tuple[Callable, Any]:
+    """A stateful objective as the ``(outputs, batch) -> (loss, metrics)`` function that the
+    gradient drivers differentiate, and the EMA decay for this step. The teacher's outputs (run
+    here, before the student) and the state enter as constants; the new state rides out in the
+    metrics under ``_loss_state`` (popped by the step)."""
+    teacher_out = None
+    if objective.teacher:
+        teacher_out = _teacher_outputs(apply_fn, state.ema_params, inputs, jax.random.fold_in(rng, 1 << 20), n)
+        ema_decay = objective.teacher_decay(state.step)
+
+    def fn(out, batch):
+        if teacher_out is not None:
+            out = dict(out, teacher=teacher_out)
+        loss, metrics, new_state = objective(out, batch, state.loss_state, state.step)
+        return loss, dict(metrics, **{_LOSS_STATE: jax.lax.stop_gradient(new_state)})
+
+    return fn, ema_decay
+
+
+def _pop_loss_state(metrics: dict, old: Any, finite: jax.Array) -> tuple[dict, Any]:
+    """``(metrics without the new state, the state to keep)``: the objective's new state, or the
+    old one where the step was not finite (like the parameters)."""
+    if _LOSS_STATE not in metrics:
+        return metrics, old
+    metrics = dict(metrics)
+    new = metrics.pop(_LOSS_STATE)
+    return metrics, jax.tree.map(lambda a, c: jnp.where(finite, a, c), new, old)
+
+
+def _teacher_outputs(apply_fn: Callable, teacher_params: Any, inputs: list, key: jax.Array, n: int) -> dict:
+    """The teacher's outputs on the global batch: its forward pass micro-batch by micro-batch
+    like GradCache's first pass, so no teacher activation outlives its micro-batch; nothing here
+    is differentiated."""
+    teacher_params = jax.lax.stop_gradient(teacher_params)
+    if n <= 1:
+        return jax.lax.stop_gradient(apply_fn(teacher_params, inputs, key))
+
+    def one(carry, i):
+        chunk = [take_microbatch(x, i, n) for x in inputs]
+        return carry, apply_fn(teacher_params, chunk, jax.random.fold_in(key, i))
+
+    _, stacked = jax.lax.scan(one, None, jnp.arange(n))
+    return jax.lax.stop_gradient(global_outputs(stacked))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +168,19 @@ class StepOptions:
                    accumulation=str(config.train.accumulation), ema_decay=float(config.optim.ema_decay),
                    image_mean=tuple(float(m) for m in config.data.mean),
                    image_std=tuple(float(s) for s in config.data.std))
+
+
+def _check_stateful(objective: Any, options: StepOptions) -> bool:
+    """Whether ``objective`` is stateful; ValueError for options it cannot run with."""
+    if not is_stateful(objective):
+        return False
+    if objective.teacher and options.ema_decay:
+        raise ValueError("config.optim.ema_decay must be 0 with an objective that has a teacher: the teacher "
+                         "(momentum encoder) is kept in the EMA slot with the objective's own decay")
+    if options.microbatch_size and options.accumulation != "gradcache":
+        raise ValueError(f"config.train.accumulation={options.accumulation!r} cannot run a stateful objective: its "
+                         "state is updated once from the whole batch; use 'gradcache'")
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +238,7 @@ def make_train_step(
     tx, schedule = optimizer
     mesh, batch_axes = placement.mesh, placement.batch_axes
     freeze, microbatch_size, accumulation = options.freeze, options.microbatch_size, options.accumulation
-    modalities = model_modalities(model)
-    data_sh = batch_sharding(mesh, batch_axes)
+    modalities, stateful = model_modalities(model), _check_stateful(objective, options)
 
     def to_float(x):
         # Float inputs come normalized from the host pipeline; uint8 ones are normalized here.
@@ -199,14 +261,18 @@ def make_train_step(
         def apply_trainable(t, x, key):
             return apply_fn(_merge(mask, t, frozen), x, key)
 
+        step_objective, ema_decay = objective, options.ema_decay
+        if stateful:  # teacher forward, state in; the new state comes back in the metrics
+            step_objective, ema_decay = _closed_objective(objective, state, apply_fn, inputs, rng, n, ema_decay)
         vg = value_and_grad_fn(accumulation, n)
         (loss, loss_metrics, out), grads = vg(
-            apply_trainable, objective, trainable, inputs, batch,
+            apply_trainable, step_objective, trainable, inputs, batch,
             num_microbatches=n, rng=rng,
         )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        params, opt_state, ema = _guarded_update(tx, state, grads, mask, finite, options.ema_decay)
+        params, opt_state, ema = _guarded_update(tx, state, grads, mask, finite, ema_decay)
+        loss_metrics, loss_state = _pop_loss_state(loss_metrics, state.loss_state, finite)
         nonfinite = state.nonfinite_steps + jnp.where(finite, 0, 1).astype(jnp.int32)
         metrics = {
             "loss": loss,
@@ -221,7 +287,7 @@ def make_train_step(
         }
         metrics = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), metrics)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-                                  nonfinite_steps=nonfinite)
+                                  nonfinite_steps=nonfinite, loss_state=loss_state)
         return new_state, metrics
 
     if placement.sharding_config is not None and uses_logical_rules(placement.sharding_config):
@@ -230,7 +296,7 @@ def make_train_step(
         return step
     return jax.jit(
         step,
-        in_shardings=(placement.state, data_sh),
+        in_shardings=(placement.state, batch_sharding(mesh, batch_axes)),
         out_shardings=(placement.state, NamedSharding(mesh, P())),
         donate_argnums=(0,) if donate else (),
     )

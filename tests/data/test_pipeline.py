@@ -56,8 +56,11 @@ def test_train_batches_shapes_dtypes_and_alignment(shapes_cfg, shapes_tok, shape
     cfg, tok = shapes_cfg, shapes_tok
     it = _iterator(cfg, tok, 16)
     for batch in _take(it, 3):
-        assert set(batch) == {"image", "text", "kind", "color", "size", "position", "attributes"}
+        assert set(batch) == {"image", "text", "kind", "color", "size", "position", "attributes", "example_id"}
         assert batch["image"].dtype == np.float32 and batch["image"].shape == (16, 64, 64, 3)
+        # example_id: each row's index in the split (found independently from its image).
+        assert batch["example_id"].dtype == np.int32
+        assert batch["example_id"].tolist() == list(_row_ids(batch, cfg, shapes_train_index))
         assert batch["text"].dtype == np.int32 and batch["text"].shape == (16, cfg.max_text_len)
         for k in ("kind", "color", "size", "position"):
             assert batch[k].dtype == np.int32 and batch[k].shape == (16,)
@@ -167,7 +170,7 @@ def test_views_are_augmented_deterministically_and_tokens_masked(user_folder):
 
     a = _take(it(), 3)
     b0 = a[0]
-    assert set(b0) == {"image", "text", "image_views"}
+    assert set(b0) == {"image", "text", "image_views", "example_id"}
     assert b0["image_views"].shape == (8, 3, 24, 24, 3) and b0["image_views"].dtype == np.float32
     assert b0["image"].shape == (8, 24, 24, 3) and b0["image"].dtype == np.float32
     np.testing.assert_array_equal(b0["image"], b0["image_views"][:, 0])
