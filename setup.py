@@ -44,7 +44,9 @@ setup(
                  "ipykernel>=6.20.1", "open_clip_torch>=3.0", "transformers>=5.0", "tokenizers>=0.21",
                  "ftfy>=6.1", "regex>=2023.0", "moto[server]>=5.0", "s3fs>=2024.6",
                  # the peer TFRecord reader and the Beam engine the streaming / preprocessing tests compare against
-                 "tfrecord>=1.14.6", "crc32c>=2.2", "apache-beam>=2.77"],
+                 "tfrecord>=1.14.6", "crc32c>=2.2", "apache-beam>=2.77",
+                 # the COCO caption evaluation's BLEU / CIDEr-D scorers (pure Python), the caption metrics' peer
+                 "pycocoevalcap>=1.2"],
         "tf": ["tensorflow>=2.16"],
         "torch": ["torch>=2.2"],
         # Exact CLIP text cleaning/splitting (as open_clip does it) and Hugging Face tokenizer.json files.

@@ -319,6 +319,35 @@ class Model:
         self._encoder("text")  # a model without text fails before tokenizing
         return self._run("text", self.tokenize(texts), batch_size)
 
+    def caption(self, images: Any, *, max_len: int | None = None, beam_size: int = 1, alpha: float = 0.0,
+                batch_size: int = 64, value_range: tuple[float, float] | None = None) -> list[str]:
+        """Captions of ``images`` (see :meth:`preprocess_images`) from the model's decoder
+        (``model.name='coca'``): greedy (``beam_size=1``) or beam search with length penalty
+        ``alpha``; ``max_len`` tokens at most (default: the text length the model was trained
+        with). Returns one string per image, decoded by the model's tokenizer."""
+        if getattr(self.module, "decoder", None) is None:
+            raise ValueError(f"this model has no captioning decoder (model.name={self.config.model.name!r}); "
+                             "train one with model.name='coca'")
+        if self.tokenizer is None:
+            raise ValueError("captioning needs the model's tokenizer (its EOS id and vocabulary)")
+        max_len = int(max_len or self.config.data.max_text_len)
+        eos = int(self.tokenizer.eos_id)
+        key = (max_len, beam_size, float(alpha))
+        cache = self.__dict__.setdefault("_caption_fns", {})
+        if key not in cache:
+            cache[key] = jax.jit(lambda p, x: self.module.apply({"params": p}, x, method="caption", max_len=max_len,
+                                                                eos_id=eos, beam_size=beam_size, alpha=alpha).tokens)
+        x = self.preprocess_images(images, value_range=value_range)
+        out = []
+        for start in range(0, x.shape[0], batch_size):
+            chunk = x[start:start + batch_size]
+            n = chunk.shape[0]
+            padded = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)]) \
+                if n < batch_size and x.shape[0] > batch_size else chunk
+            out.append(np.asarray(cache[key](self.params, jnp.asarray(padded)))[:n])
+        ids = np.concatenate(out) if out else np.zeros((0, max_len), np.int32)
+        return list(self.tokenizer.decode(ids))
+
     def similarity(self, images: Any, texts: Sequence[str]) -> np.ndarray:
         """Cosine similarities ``[N_images, N_texts]`` float32."""
         return self.encode_images(images) @ self.encode_texts(texts).T

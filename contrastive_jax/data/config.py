@@ -37,6 +37,10 @@ def augment_defaults() -> ml_collections.ConfigDict:
     a.blur_sigma = (0.1, 2.0)  # Gaussian blur sigma range, in pixels of the output image
     a.solarize_prob = 0.0
     a.solarize_threshold = 128  # pixels >= threshold (0..255) are inverted
+    # Multi-crop local views (data.local_views >= 1): always random_resized_crop, with this
+    # fraction of the image area (SwAV: (0.05, 0.14) against (0.14, 1.0) for the global crops),
+    # then the recipe's other operations with the same probabilities.
+    a.local_crop_scale = (0.05, 0.14)
     return a
 
 
@@ -104,6 +108,11 @@ def defaults() -> ml_collections.ConfigDict:
 
     # Views of each training image: >= 2 adds 'image_views' [B, V, H, W, 3] (SimCLR).
     c.num_views = 1
+    # Multi-crop (Caron et al. 2020, SwAV): local_views >= 1 adds 'image_local_views'
+    # [B, N, s, s, 3], N small crops of side s = local_view_size pixels (< image_size; crop area
+    # augment.local_crop_scale) next to the num_views global crops. Training only.
+    c.local_views = 0
+    c.local_view_size = 32
     c.augment = augment_defaults()
     c.tokenizer = tokenizer_defaults()
 

@@ -148,6 +148,10 @@ def color_jitter(img: Image.Image, rng: np.random.Generator, brightness: float, 
     return img
 
 
+def _literal(value: Any) -> str:
+    return repr(tuple(value)) if isinstance(value, (list, tuple)) else repr(value)
+
+
 class ImageTransform:
     """``(decoded PIL image, rng) -> uint8 [size, size, 3]`` per ``config.data.augment``.
 
@@ -155,9 +159,12 @@ class ImageTransform:
       size: output side in pixels.
       augment: the ``config.data.augment`` group, or None for the evaluation transform
         (:func:`resize_center_crop` only).
+      local: the multi-crop local-view transform (SwAV, Caron et al. 2020): always
+        ``random_resized_crop`` with ``augment.local_crop_scale`` as the area range; the other
+        operations as the recipe says.
     """
 
-    def __init__(self, size: int, augment=None):
+    def __init__(self, size: int, augment=None, *, local: bool = False):
         self.size = int(size)
         a = augment
         self.train = a is not None
@@ -168,10 +175,16 @@ class ImageTransform:
         for field in ("flip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
             if not 0.0 <= float(a[field]) <= 1.0:
                 raise ValueError(f"config.data.augment.{field}={a[field]} is not a probability")
-        lo, hi = (float(x) for x in a.crop_scale)
+        scale_field = "local_crop_scale" if local else "crop_scale"
+        scale = a.get(scale_field, (0.05, 0.14))
+        try:
+            lo, hi = (float(x) for x in scale)
+        except (TypeError, ValueError):
+            lo, hi = -1.0, -1.0
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"config.data.augment.crop_scale={tuple(a.crop_scale)} must satisfy 0 < lo <= hi <= 1")
-        self.crop = str(a.crop)
+            raise ValueError(f"config.data.augment.{scale_field}={_literal(scale)} is invalid: must be (lo, hi) with "
+                             "0 < lo <= hi <= 1")
+        self.crop = "random_resized_crop" if local else str(a.crop)
         self.crop_scale = (lo, hi)
         self.crop_ratio = tuple(float(x) for x in a.crop_ratio)
         self.flip_prob = float(a.flip_prob)

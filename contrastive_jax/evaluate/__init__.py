@@ -22,8 +22,9 @@ _EXPORTS = {
     "zero_shot": ("average_precision", "l2_normalize_np", "load_templates", "prompt_class_embeddings", "read_lines",
                   "zero_shot_class_embeddings", "zero_shot_multilabel"),
     "report": ("write_report",),
+    "captions": ("bleu", "caption_metrics", "cider_d", "exact_match", "tokenize"),
 }
 # Submodules resolve as attributes too (``evaluate.retrieval``), as when this file imported them.
-_SUBMODULES = ("config", "diagnostics", "encode", "metrics", "probes", "report", "retrieval", "runner", "zero_shot")
+_SUBMODULES = ("captions", "config", "diagnostics", "encode", "metrics", "probes", "report", "retrieval", "runner", "zero_shot")
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, _SUBMODULES)

@@ -230,6 +230,27 @@ def _few_shot(run: _Run) -> None:
             run.put(f"{attr}/{k}", v)
 
 
+def _captioning(run: _Run) -> None:
+    """Decodes a caption for every eval image with the model's decoder (``model.name='coca'``)
+    and scores it against the set's caption: BLEU-4, CIDEr-D and exact match
+    (:mod:`contrastive_jax.evaluate.captions`), plus ``examples`` in the details."""
+    from contrastive_jax.evaluate.captions import caption_metrics
+
+    ev, data = run.ev, run.feats["data"]
+    if ev.caption_images is None:
+        raise ValueError("eval.evaluators 'captioning' needs a model with a captioning decoder (model.name='coca')")
+    if "caption" not in data:
+        raise ValueError(f"eval.evaluators 'captioning': dataset {run.spec.dataset!r} has no captions")
+    opts = run.spec.options
+    ids = encode_in_batches(lambda x: ev.caption_images(x, opts.get("max_len"), int(opts.get("beam_size") or 1)),
+                            data["image"], ev.batch_size)
+    candidates = list(ev.tokenizer.decode(np.asarray(ids)))
+    references = [[str(c)] for c in data["caption"]]
+    for key, value in caption_metrics(candidates, references).items():
+        run.put(key, value)
+    run.details["captions"] = {"candidates": candidates[:8], "references": [r[0] for r in references[:8]]}
+
+
 def _check_zero_shot(options: Mapping[str, Any]) -> str | None:
     if options["class_names"] is not None and options["label_key"] is None:
         return "class_names needs label_key (the label array they index)"
@@ -259,6 +280,7 @@ EVALUATORS: dict[str, Evaluator] = {
     "retrieval": Evaluator({"ks": None, "gallery_block": 4096, "query_block": 256}, _retrieval, "retrieval",
                            needs_text=True),
     "diagnostics": Evaluator({"max_items": 8192}, _diagnostics, "diag"),
+    "captioning": Evaluator({"max_len": None, "beam_size": 1}, _captioning, "caption", needs_text=True),
     "linear_probe": Evaluator(
         {**_TRAIN_FEATURES, "ridge_alphas": probes.DEFAULT_RIDGE_ALPHAS, "logistic_l2": (1e-6, 1e-5, 1e-4, 1e-3),
          "logistic_steps": 300},
@@ -363,6 +385,8 @@ class Evaluation:
         ``label_keys``), as :func:`contrastive_jax.data.dataset_info` returns.
       tokenizer: ``encode(list[str]) -> int32 [M, L]``.
       mesh, batch_axes: where retrieval / k-NN shard their galleries (None: one device).
+      caption_images: ``(images, max_len, beam_size) -> int32 [n, L]`` caption token ids, for
+        the ``captioning`` evaluator (None: the model has no decoder).
       image_mean, image_std: deprecated. Given, the pictures in ``details`` are turned into
         uint8 with them as before; instead, convert them with
         :func:`contrastive_jax.data.transforms.denormalize_images` (:class:`EvalRunner` does, with
@@ -378,8 +402,11 @@ class Evaluation:
                  load_arrays: Callable, dataset_info: Callable, tokenizer, batch_size: int,
                  recall_ks: Sequence[int] = (1, 5, 10), zero_shot_ks: Sequence[int] = (1, 5),
                  matryoshka_dims: Sequence[int] = (), mesh: Mesh | None = None,
-                 batch_axes: Sequence[str] | None = None, image_mean=None, image_std=None):
+                 batch_axes: Sequence[str] | None = None, image_mean=None, image_std=None,
+                 caption_images: Callable | None = None):
         self.specs = list(specs)
+        # (images [n, H, W, 3], max_len or None, beam_size) -> token ids [n, L]; captioning models only.
+        self.caption_images = caption_images
         self.encode_image, self.encode_text = encode_image, encode_text
         self.load_arrays, self.dataset_info = load_arrays, dataset_info
         self.tokenizer = tokenizer
@@ -538,8 +565,19 @@ class EvalRunner:
                 return to_host(self.encoders[i](self._params, replicated_batch_to_global(x, mesh, self.batch_axes)))
             return fn
 
+        caption_fns: dict = {}
+
+        def caption(x, max_len, beam_size):
+            key = (int(max_len or config.data.max_text_len), int(beam_size))
+            if key not in caption_fns:
+                eos = int(tokenizer.eos_id)
+                caption_fns[key] = jax.jit(lambda p, imgs: model.apply(
+                    {"params": p}, imgs, method="caption", max_len=key[0], eos_id=eos, beam_size=key[1]).tokens)
+            return to_host(caption_fns[key](self._params, replicated_batch_to_global(x, mesh, self.batch_axes)))
+
         self.evaluation = Evaluation(
             self.specs, encode_image=enc(0), encode_text=enc(1) if self.has_text else None, load_arrays=load,
+            caption_images=caption if getattr(model, "decoder", None) is not None else None,
             dataset_info=info,
             tokenizer=tokenizer, batch_size=int(config.eval.batch_size), recall_ks=tuple(config.eval.recall_ks),
             zero_shot_ks=tuple(config.eval.get("zero_shot_ks", (1, 5))),

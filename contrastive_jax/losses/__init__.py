@@ -6,7 +6,8 @@ hard negatives, CWCL, multi-positive / SupCon / NT-Xent, Symile, distillation, a
 uniformity) on the same implementations, and FILIP's token-wise ``filip_loss`` (``[B, L, D]``
 tokens, ``impl="dense" | "chunked"``, optional token pruning ``prune_tokens``);
 ``make_objective`` maps ``config.loss`` to one. Objectives with state across steps (iSogCLR, MoCo,
-SwAV) follow :class:`StatefulObjective`.
+SwAV, several terms with ``multi``) follow :class:`StatefulObjective`; ``fused_cross_entropy`` is a
+captioning decoder's token cross-entropy without the ``[N, V]`` logits.
 
 Every loss takes the per-example mask as ``valid=`` (``[B]`` bool; the softmax and sigmoid losses
 also accept non-negative float weights there); ``weights=``, its former name on those two, still
@@ -19,6 +20,7 @@ from contrastive_jax.losses.contrastive import (
     sigmoid_contrastive_loss,
     softmax_contrastive_loss,
 )
+from contrastive_jax.losses.captioning import CaptionLoss, caption_loss, fused_cross_entropy
 from contrastive_jax.losses.filip import filip_loss, prune_tokens
 from contrastive_jax.losses.objectives import (
     TARGET_FUNCTIONS,
@@ -41,4 +43,4 @@ __all__ = ["make_objective", "register_objective", "OBJECTIVES", "softmax_contra
            "decoupled_contrastive_loss", "hard_negative_loss", "soft_target_loss", "multi_positive_loss",
            "sigmoid_multi_positive_loss", "nt_xent_loss", "matryoshka_prefixes", "symile_loss",
            "similarity_distillation_loss", "alignment", "uniformity", "TARGET_FUNCTIONS", "filip_loss",
-           "prune_tokens", "StatefulObjective", "is_stateful"]
+           "prune_tokens", "StatefulObjective", "is_stateful", "CaptionLoss", "caption_loss", "fused_cross_entropy"]

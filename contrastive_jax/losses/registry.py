@@ -26,6 +26,7 @@ from contrastive_jax.losses import objectives as O
 from contrastive_jax.losses.contrastive import sigmoid_contrastive_loss, softmax_contrastive_loss
 from contrastive_jax.losses.filip import IMPLS as FILIP_IMPLS
 from contrastive_jax.losses.filip import filip_loss
+from contrastive_jax.losses.multi import captioning_objective
 from contrastive_jax.losses.stateful import is_stateful
 
 Objective = Callable[[dict, dict], tuple[Any, dict]]
@@ -297,6 +298,10 @@ OBJECTIVES: dict[str, ObjectiveBuilder] = {
     "matryoshka": _matryoshka, "symile": _symile, "distill": _distill, "filip": _filip,
     # Stateful (losses.StatefulObjective): the step threads their state through TrainState.loss_state.
     "isogclr": _lazy("isogclr"), "moco": _lazy("moco"), "swav": _lazy("swav"),
+    "self_distillation": _lazy("self_distill"),
+    # The decoder's token cross-entropy, computed in a captioning model (CoCa / SigLIP 2).
+    "captioning": lambda loss_config, mesh, batch_axes: captioning_objective,
+    # 'multi' (weighted, scheduled terms) is built by make_objective itself: see losses/multi.py.
 }
 
 
@@ -328,8 +333,25 @@ def _with_regularizers(objective: Objective, loss_config, mesh, batch_axes) -> O
     return wrapped
 
 
+def _moco_from_run(loss_config: Any, model_config: Any, train_steps: int | None) -> Any:
+    """``loss.moco`` with its run-dependent zeros filled: ``embed_dim`` 0 -> the model's
+    ``embed_dim``, ``momentum_steps`` 0 -> the run's length (the cosine momentum schedule)."""
+    m = loss_config.moco
+    fill = {}
+    if int(m.get("embed_dim", 0)) == 0 and model_config is not None and model_config.get("embed_dim"):
+        fill["embed_dim"] = int(model_config.get("embed_dim"))
+    if int(m.get("momentum_steps", 0)) == 0 and train_steps:
+        fill["momentum_steps"] = int(train_steps)
+    if not fill:
+        return loss_config
+    loss_config = loss_config.copy_and_resolve_references()
+    for k, v in fill.items():
+        loss_config.moco[k] = v
+    return loss_config
+
+
 def make_objective(loss_config: Any, mesh: Mesh | None = None, batch_axes: Sequence[str] | None = None,
-                   *, model_config: Any = None) -> Objective:
+                   *, model_config: Any = None, train_steps: int | None = None) -> Objective:
     """The objective for ``config.loss`` (fields ``name``, ``impl``, ``block_size`` and any the
     objective adds; see :mod:`contrastive_jax.losses.config`).
 
@@ -337,17 +359,31 @@ def make_objective(loss_config: Any, mesh: Mesh | None = None, batch_axes: Seque
       mesh, batch_axes: the mesh and the axes the batch dim is split over (None: one device).
       model_config: ``config.model``; its ``matryoshka_dims`` are the Matryoshka prefixes unless
         ``loss.matryoshka.dims`` is set; ``loss.name='filip'`` requires its ``return_tokens``.
+      train_steps: the run's length in steps (``loss.name='multi'`` turns its terms' start
+        fractions into steps with it; the trainer passes it).
 
     Raises:
       ValueError: an unknown ``config.loss.name`` (the message lists the known ones), or an
         objective's invalid field / unsupported ``impl`` (the message names the field).
     """
     name = loss_config.name
+    if name == "multi":
+        from contrastive_jax.losses import multi
+
+        return multi.build(loss_config, mesh, batch_axes, make_objective=make_objective, train_steps=train_steps,
+                           model_config=model_config)
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown config.loss.name {name!r}; known: {', '.join(sorted(OBJECTIVES))}")
+        raise ValueError(f"unknown config.loss.name {name!r}; known: {', '.join(sorted(OBJECTIVES))}, multi")
     if name == "filip" and model_config is not None and not model_config.get("return_tokens", False):
         raise ValueError("config.loss.name='filip' needs config.model.return_tokens=True (the towers' token "
                          "embeddings); set it, e.g. --config.model.return_tokens=true")
+    if name == "moco" and "moco" in loss_config:
+        loss_config = _moco_from_run(loss_config, model_config, train_steps)
+    if name == "self_distillation" and model_config is not None and "self_distill" in loss_config \
+            and int(loss_config.self_distill.get("dim", 0)) == 0 and model_config.get("self_distill"):
+        # The heads' width is the model's (model.self_distill.dim); 0 here means "the model's".
+        loss_config = loss_config.copy_and_resolve_references()
+        loss_config.self_distill.dim = int(model_config.self_distill.get("dim", 0))
     if model_config is not None and "matryoshka" in loss_config and not tuple(loss_config.matryoshka.dims):
         dims = tuple(model_config.get("matryoshka_dims", ()) or ())
         if dims:

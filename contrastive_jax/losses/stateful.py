@@ -31,11 +31,15 @@ class StatefulObjective:
     Attributes:
       teacher: the step runs the model with ``state.ema_params`` (stop-gradient, train mode,
         its own dropout key) on the same inputs and passes the outputs as ``outputs['teacher']``
-        (a dict like the model's); after the update the EMA parameters move toward the new
-        parameters with :meth:`teacher_decay` of the step (instead of ``config.optim.ema_decay``).
+        (a dict like the model's, or what the model method named by ``teacher_method`` returns);
+        after the update the EMA parameters move toward the new parameters with
+        :meth:`teacher_decay` of the step (instead of ``config.optim.ema_decay``).
     """
 
     teacher: bool = False
+    # The model method the teacher runs (None: the model's __call__, same outputs as the student);
+    # e.g. a method computing only the teacher-side heads, to skip the rest of the forward pass.
+    teacher_method: str | None = None
 
     def init_state(self) -> Any:
         """The initial state: a pytree of global arrays (called under ``jit`` with the state's

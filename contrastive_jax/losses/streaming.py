@@ -216,7 +216,7 @@ def _n_devices(cfg) -> int:
     return math.prod(cfg.mesh.shape[a] for a in cfg.axes)
 
 
-def _blocks(n: int, target: int) -> tuple[int, int]:
+def block_layout(n: int, target: int) -> tuple[int, int]:
     """(count, size) of blocks of at most ``target`` covering ``n`` with the least padding."""
     count = max(1, -(-n // max(1, target)))
     return count, -(-n // count)
@@ -227,7 +227,8 @@ def _blocks(n: int, target: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 
 
-def _pack(a, count, size, fill):
+def pack_blocks(a, count, size, fill):
+    """``a [n, ...]`` padded with ``fill`` to ``count * size`` rows -> ``[count, size, ...]``."""
     pad = count * size - a.shape[0]
     if pad:
         a = jnp.concatenate([a, jnp.full((pad,) + a.shape[1:], fill, a.dtype)], axis=0)
@@ -236,7 +237,7 @@ def _pack(a, count, size, fill):
 
 def _pack_all(arrays: dict, count, size, fills):
     # Kernel arrays pad with 0: padding is removed by ``mb`` (and its gradients are dropped).
-    return {k: _pack(v, count, size, fills.get(k, 0)) for k, v in arrays.items()}
+    return {k: pack_blocks(v, count, size, fills.get(k, 0)) for k, v in arrays.items()}
 
 
 _ROW_FILLS = dict(x=0, s=0.0, b=0.0, mb=NEG, gid=-1)
@@ -312,7 +313,7 @@ def _ring(p, R, row_state, C, col_state, n, axes):
 
 def _chunked_on_mesh(p, R, row_state, cols, b, block_size, n, axes):
     # Step k all-gathers the k-th slice of every device's columns: one block of n * c columns.
-    nsteps, c = _blocks(b, -(-block_size // n))
+    nsteps, c = block_layout(b, -(-block_size // n))
     C = _pack_all(cols, nsteps, c, _COL_FILLS)
 
     def step(row_state, Ck):
@@ -333,13 +334,13 @@ def _run_local(p: _Pass, rows, cols, *, block_size, n, axes, ring):
     Column state returned is for THIS device's columns, complete over all rows.
     """
     b = rows["s"].shape[0]
-    nr, rb = _blocks(b, block_size)
+    nr, rb = block_layout(b, block_size)
     R = _pack_all(rows, nr, rb, _ROW_FILLS)
     row_state = p.row_init(nr, rb)
     if axes is not None and not ring:
         row_state, col_state = _chunked_on_mesh(p, R, row_state, cols, b, block_size, n, axes)
     else:
-        nc, cb = _blocks(b, block_size)
+        nc, cb = block_layout(b, block_size)
         C = _pack_all(cols, nc, cb, _COL_FILLS)
         if axes is None:
             row_state, col_state = _sweep(p.tile, R, row_state, C, p.col_init(nc, cb))

@@ -1,6 +1,7 @@
 """Flax (linen) models: ViT / ResNet image towers, transformer text tower, generic encoders for
 1-D signals and feature vectors, the two-tower CLIP/SigLIP model, the N-tower model, the
-multi-view (SimCLR / SLIP) models and teacher-student distillation.
+multi-view (SimCLR / SLIP / SwAV) models, teacher-student distillation, and CoCa (a text decoder on
+the image tokens) with greedy / beam-search decoding.
 
 Typical use::
 
@@ -34,6 +35,9 @@ from contrastive_jax.models.build import (
     register_text_tower,
     sample_inputs,
 )
+from contrastive_jax.models.coca import CoCa
+from contrastive_jax.models.decoder import DecoderBlock, TextDecoder
+from contrastive_jax.models.decoding import Decoded, beam_search, generate, greedy_decode
 from contrastive_jax.models.distill import Distill
 from contrastive_jax.models.generic import MlpEncoder, SignalTransformer
 from contrastive_jax.models.layers import (
@@ -55,6 +59,7 @@ from contrastive_jax.models.towers import MlpHead, NTower, TwoTower, logical_par
 from contrastive_jax.models.vit import VisionTransformer, vit_variant
 
 __all__ = [
+    "CoCa", "DecoderBlock", "TextDecoder", "Decoded", "beam_search", "generate", "greedy_decode",
     "ACTIVATIONS", "DTYPES", "DenseGeneral", "Distill", "ENCODERS", "Encoder", "EncoderBlock", "IMAGE_TOWERS",
     "LayerNorm", "MAPHead", "MODELS", "MlpBlock", "MlpEncoder", "MlpHead", "ModelKind", "ModuleSchema",
     "MultiHeadAttention", "MultiView", "NTower", "ResNet", "SignalTransformer", "TEXT_TOWERS", "TextTransformer",

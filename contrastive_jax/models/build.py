@@ -30,7 +30,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from contrastive_jax.models import config as model_config_lib
-from contrastive_jax.models.config import GROUP_KEYS, HEAD_CHOICES, MLP, RESNET, SIGNAL, TEXT, TWO_TOWER, VIT
+from contrastive_jax.models.coca import CAPTION_IMPLS, CoCa
+from contrastive_jax.models.config import (COCA, DECODER, GROUP_KEYS, HEAD_CHOICES, MLP, RESNET, SIGNAL, TEXT,
+                                           TWO_TOWER, VIT)
 from contrastive_jax.models.distill import Distill, teacher_config
 from contrastive_jax.models.multiview import MultiView
 from contrastive_jax.models.schema import build_module
@@ -193,6 +195,81 @@ def build_two_tower(model_config, dtype) -> TwoTower:
     )
 
 
+def _caption_options(caption) -> dict:
+    """``model.caption`` -> CoCa's ``caption_*`` fields (ValueError naming the field)."""
+    eps, impl = caption.get("label_smoothing", 0.0), caption.get("impl", "chunked")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < 1.0:
+        raise ValueError(f"model.caption.label_smoothing={eps!r} is invalid: must be in [0, 1)")
+    if impl not in CAPTION_IMPLS:
+        raise ValueError(f"model.caption.impl={impl!r}; known: {', '.join(CAPTION_IMPLS)}")
+    blocks = {}
+    for key in ("vocab_block", "token_block"):
+        v = caption.get(key, 4096)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"model.caption.{key}={v!r} is invalid: must be a positive integer")
+        blocks[key] = v
+    unknown = sorted(set(caption.keys()) - {"label_smoothing", "impl", "vocab_block", "token_block"})
+    if unknown:
+        raise ValueError(f"unknown key model.caption.{unknown[0]}; known: impl, label_smoothing, token_block, vocab_block")
+    return dict(caption_label_smoothing=float(eps), caption_impl=impl, caption_vocab_block=blocks["vocab_block"],
+                caption_token_block=blocks["token_block"])
+
+
+_SELF_DISTILL_KEYS = ("bottleneck", "dim", "hidden", "mask_ratio")
+
+
+def _self_distill_options(model_config) -> dict:
+    """``model.self_distill`` (+ ``model.multicrop``, ``model.image``) -> CoCa's ``distill_*``
+    fields (ValueError naming the field)."""
+    sd = model_config.get("self_distill", None) or {}
+    unknown = sorted(set(sd.keys()) - set(_SELF_DISTILL_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key model.self_distill.{unknown[0]}; known: {', '.join(_SELF_DISTILL_KEYS)}")
+    out = {}
+    for key, default, lo in (("dim", 0, 0), ("hidden", 2048, 1), ("bottleneck", 256, 1)):
+        v = sd.get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"model.self_distill.{key}={v!r} is invalid: must be an integer >= {lo}")
+        out[f"distill_{key}"] = v
+    ratio = sd.get("mask_ratio", 0.5)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+        raise ValueError(f"model.self_distill.mask_ratio={ratio!r} is invalid: must be in (0, 1)")
+    out["distill_mask_ratio"] = float(ratio)
+    multicrop = bool(model_config.get("multicrop", False))
+    if multicrop and not out["distill_dim"]:
+        raise ValueError("model.multicrop=True is invalid for model.name='coca' without model.self_distill.dim > 0: "
+                         "the local crops feed only the self-distillation heads")
+    if out["distill_dim"]:
+        image = model_config.image
+        if image.name != "vit":
+            raise ValueError(f"model.self_distill.dim > 0 needs model.image.name='vit' (masked patches); got "
+                             f"{image.name!r}")
+        if float(image.get("patch_dropout", 0.0)) > 0.0:
+            raise ValueError("model.image.patch_dropout must be 0 with model.self_distill.dim > 0: masked prediction "
+                             "needs every patch token")
+        if multicrop and image.get("posemb", "learn") == "learn":
+            # A learned position table fits one patch grid; the smaller local crops have another.
+            raise ValueError("model.image.posemb='learn' is invalid with model.multicrop=True: the local crops' "
+                             "patch grid differs from the global view's; use model.image.posemb='sincos2d'")
+    return out
+
+
+def build_coca(model_config, dtype) -> CoCa:
+    """``model.name = 'coca'``: the two towers, the captioning decoder ``model.decoder`` on the
+    image tokens, its loss options ``model.caption`` and the optional self-distillation heads
+    ``model.self_distill`` (+ ``model.multicrop``) (see :mod:`contrastive_jax.models.coca`)."""
+    decoder = DECODER.build(model_config.decoder, dtype, group="model.decoder")
+    return COCA.build(
+        model_config, dtype, group="model", known=_model_keys(),
+        image=build_image_tower(model_config, dtype), text=build_text_tower(model_config, dtype),
+        decoder=decoder, **_caption_options(model_config.get("caption", {})), **_self_distill_options(model_config),
+    )
+
+
+def _coca_inputs(model_config) -> tuple[str, ...]:
+    return ("image", "text", "image_local_views") if model_config.get("multicrop", False) else ("image", "text")
+
+
 def tower_order(model_config) -> tuple[str, ...]:
     """The N-tower model's modality names in input order (``model.modalities`` or sorted)."""
     towers = model_config.get("towers", None)
@@ -251,6 +328,12 @@ def build_distill(model_config, dtype) -> Distill:
 
 
 def _build_multiview(model_config, dtype, with_text: bool) -> MultiView:
+    if bool(model_config.get("multicrop", False)) and model_config.image.name == "vit" \
+            and model_config.image.get("posemb", "learn") == "learn":
+        # A learned position table fits one patch grid; the smaller local crops have another.
+        raise ValueError("model.image.posemb='learn' is invalid with model.multicrop=True: the local crops' patch "
+                         "grid differs from the global crops'; use model.image.posemb='sincos2d' or "
+                         "model.image.name='resnet'")
     return build_module(
         MultiView, model_config, group="model", known=_model_keys(), choices=HEAD_CHOICES,
         image=build_image_tower(model_config, dtype),
@@ -273,9 +356,11 @@ def build_slip(model_config, dtype) -> MultiView:
 # Every built-in model kind, with the inputs its models take (see sample_inputs).
 MODELS: dict[str, ModelKind] = {
     "two_tower": ModelKind(build_two_tower, ("image", "text")),
+    "coca": ModelKind(build_coca, _coca_inputs),
     "n_tower": ModelKind(build_n_tower, tower_order),
     "distill": ModelKind(build_distill, ("image", "text")),  # the student's inputs
-    "multiview": ModelKind(build_multiview, ("image_views",)),
+    "multiview": ModelKind(build_multiview, lambda cfg: ("image_views", "image_local_views")
+                           if cfg.get("multicrop", False) else ("image_views",)),
     "slip": ModelKind(build_slip, ("image_views", "text")),
 }
 
@@ -313,7 +398,8 @@ def sample_inputs(model_config, data_config=None, batch: int = 1,
     ``('image_views', 'text')`` for slip, the tower order for n_tower). A name of a
     ``model.towers`` entry takes that entry's ``input_shape`` / ``input_dtype`` (default
     float32); the others come from ``data_config``: ``image`` ``[b, S, S, 3]`` float32,
-    ``image_views`` ``[b, V, S, S, 3]`` float32, ``text`` ``[b, L]`` int32, with ``S =
+    ``image_views`` ``[b, V, S, S, 3]`` float32, ``image_local_views`` ``[b, N, s, s, 3]`` float32
+    (``N = data.local_views``, ``s = data.local_view_size``; multicrop), ``text`` ``[b, L]`` int32, with ``S =
     data.image_size`` (pixels), ``V = data.num_views``, ``L = model.text.context_length`` or
     ``data.max_text_len`` (tokens).
 
@@ -350,6 +436,11 @@ def _data_input(model_config, data_config, batch: int, modality: str) -> jax.Sha
     if modality == "image_views":
         views = int(data_config.get("num_views", 2))
         return jax.ShapeDtypeStruct((batch, max(views, 1), size, size, 3), jnp.float32)
+    if modality == "image_local_views":
+        n, local = int(data_config.get("local_views", 0)), int(data_config.get("local_view_size", 0))
+        if n < 1:
+            raise ValueError(f"config.data.local_views={n} is invalid: model.multicrop=True needs >= 1 local crop")
+        return jax.ShapeDtypeStruct((batch, n, local, local, 3), jnp.float32)
     if modality == "text":
         text_cfg = model_config.get("text", None)
         ctx = int(text_cfg.get("context_length", 0) or 0) if text_cfg is not None else 0

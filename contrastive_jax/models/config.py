@@ -22,8 +22,11 @@ that is none of these is an error at build time naming it (``model.image.<key>``
 Model kinds (``model.name``, the keys of ``models.MODELS``; more with ``models.register_model``):
 
 - ``'two_tower'`` (CLIP / SigLIP / LiT): ``model.image`` and ``model.text``.
-- ``'multiview'`` (SimCLR): ``model.image`` and an MLP head on every view; ``'slip'`` (SLIP):
-  both towers plus that view head (:mod:`contrastive_jax.models.multiview`).
+- ``'coca'`` (CoCa / CapPa / SigLIP 2): the two towers plus the captioning decoder ``model.decoder``
+  (:data:`DECODER`) and its loss options ``model.caption`` (:mod:`contrastive_jax.models.coca`).
+- ``'multiview'`` (SimCLR): ``model.image`` and an MLP head on every view (SwAV: plus
+  ``model.prototypes`` and ``model.multicrop``); ``'slip'`` (SLIP): both towers plus that view
+  head (:mod:`contrastive_jax.models.multiview`).
 - ``'distill'``: this config is the two-tower student, ``model.teacher`` the teacher
   (:mod:`contrastive_jax.models.distill`).
 - ``'n_tower'``: one encoder per modality, described in the free-form group ``model.towers``;
@@ -54,6 +57,8 @@ import ml_collections
 from contrastive_jax.models import generic
 from contrastive_jax.models import text as text_lib
 from contrastive_jax.models import vit as vit_lib
+from contrastive_jax.models.coca import CoCa
+from contrastive_jax.models.decoder import TextDecoder
 from contrastive_jax.models.generic import MlpEncoder, SignalTransformer
 from contrastive_jax.models.layers import ACTIVATIONS, ATTENTION_IMPLS, REMAT_POLICIES
 from contrastive_jax.models.resnet import RESNET_DEPTHS, ResNet
@@ -93,6 +98,19 @@ SIGNAL = ModuleSchema(
     choices=dict(pool=generic.POOL_TYPES, **_BLOCK_CHOICES),
 )
 MLP = ModuleSchema(MlpEncoder, required=dict(width=128), choices=dict(act=tuple(ACTIVATIONS)))
+# coca: the two-tower fields plus a captioning decoder (model.decoder) and its loss (model.caption).
+COCA = ModuleSchema(CoCa, required=dict(embed_dim=128), choices=TWO_TOWER.choices,
+                    builder_fields=("image", "text", "dtype", "decoder", "caption_label_smoothing", "caption_impl",
+                                    "caption_vocab_block", "caption_token_block", "distill_dim", "distill_hidden",
+                                    "distill_bottleneck", "distill_mask_ratio"))
+DECODER = ModuleSchema(
+    TextDecoder,
+    # vocab_size -1: the tokenizer's, like model.text.
+    required=dict(vocab_size=-1, width=128, depth=2, num_heads=4, mlp_dim=512),
+    choices=_TOWER_CHOICES,
+    checks=dict(vocab_size=(lambda v: v > 0, "set it (or resolve -1 from the tokenizer's vocabulary size) "
+                                             "before building the model")),
+)
 
 # Keys of model.image / model.text that are not module fields: the registry name of the tower
 # and a free-form group for registered towers' own settings.
@@ -123,6 +141,22 @@ def defaults() -> ml_collections.ConfigDict:
     # trained and evaluated as embeddings of their own (each re-normalized). () = none. Read by the
     # loss (config.loss) and by evaluation.
     c.matryoshka_dims = ()
+    # multiview only (SwAV, Caron et al. 2020): K learnable prototypes (0 = none; the model then
+    # also outputs image_views_scores [B, V, K]) and multi-crop (multiview and coca): the model
+    # also takes the batch's image_local_views (data.local_views >= 1; a ViT needs
+    # image.posemb='sincos2d').
+    c.prototypes = 0
+    c.multicrop = False
+    # coca only (CoCa / CapPa / SigLIP 2): the captioning decoder (models/decoder.py) on the image
+    # tower's tokens, and how its token cross-entropy is computed inside the model: label
+    # smoothing, 'chunked' (fused, never forms the [B, L, V] logits) | 'dense', tile sizes.
+    c.decoder = ml_collections.ConfigDict(DECODER.defaults())
+    c.caption = ml_collections.ConfigDict(dict(label_smoothing=0.0, impl="chunked", vocab_block=4096,
+                                               token_block=4096))
+    # coca only (SigLIP 2's self-distillation / masked prediction, models/coca.py): dim = K logits
+    # of the DINO-style heads (0 = off), their MLP widths, the fraction of patches masked in the
+    # student's pass; with model.multicrop=True the local crops feed the consistency term.
+    c.self_distill = ml_collections.ConfigDict(dict(dim=0, hidden=2048, bottleneck=256, mask_ratio=0.5))
     c.image = _tower_group("vit", VIT)
     c.text = _tower_group("transformer", TEXT)
     # n_tower only: order of the modalities (empty: sorted names of model.towers) and the

@@ -10,7 +10,10 @@ projection, a LayerNorm before the encoder (``norm_pre``), a position for the cl
 QuickGELU (Radford et al. 2021); convolutional stem: "Early Convolutions Help Transformers See
 Better" (Xiao et al. 2021); 2-D sin-cos position embeddings as in MoCo v3 (Chen et al. 2021) and
 "Better plain ViT baselines" (Beyer et al. 2022); MAP pooling as in SigLIP (Zhai et al. 2023);
-patch dropout: FLIP, "Scaling Language-Image Pre-training via Masking" (Li et al. 2023).
+patch dropout: FLIP, "Scaling Language-Image Pre-training via Masking" (Li et al. 2023); patch
+masking with a learned mask token (``patch_mask``): BEiT (Bao et al. 2022), iBOT (Zhou et al.
+2022), as used for masked prediction by TIPS (Maninis et al. 2024) and SigLIP 2 (Tschannen et al.
+2025).
 """
 from __future__ import annotations
 
@@ -102,6 +105,11 @@ class VisionTransformer(nn.Module):
     ``patch_dropout`` (FLIP): at ``train=True`` only this fraction of the patch tokens is dropped
     at random (rng stream ``'dropout'``); at ``train=False`` all tokens are used.
 
+    ``patch_mask`` (a call argument, for masked prediction): the embeddings of the masked patches
+    are replaced by a learned ``mask_token`` ``[W]`` (float32 param, created on the first call
+    with a mask) before the position embeddings are added, so a masked token still knows its
+    position but not its content. Without a mask nothing changes (no param, same output bits).
+
     ``norm_eps``: every LayerNorm's epsilon (1e-6; checkpoints converted from PyTorch use 1e-5).
 
     These fields are the config group ``model.image`` (``models/config.py``: their defaults
@@ -157,8 +165,13 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jax.Array, *, train: bool = False, return_tokens: bool = False):
+    def __call__(self, images: jax.Array, *, train: bool = False, return_tokens: bool = False,
+                 patch_mask: jax.Array | None = None):
         """images ``[B, H, W, C]`` float -> features ``[B, width]`` in ``dtype``.
+
+        ``patch_mask``: optional bool ``[B, num_patches]`` (row-major over the patch grid; True =
+        masked): those patches enter the encoder as the learned mask token (class docstring).
+        Not with ``patch_dropout`` at train time (masked prediction needs every token's output).
 
         ``return_tokens=True`` (FILIP's token-wise loss): ``(features, tokens [B, N, width],
         token_mask [B, N] bool)``, the encoder's output for the N patch tokens (after its final
@@ -213,14 +226,19 @@ class VisionTransformer(nn.Module):
             if with_cls_pos:
                 pos = jnp.concatenate([jnp.zeros((1, self.width), jnp.float32), pos], axis=0)
         pos = pos.astype(self.dtype)
-        x = x + pos[with_cls_pos:][None]
-        if train and self.patch_dropout > 0.0:
-            x = patch_dropout(x, self.patch_dropout, self.make_rng("dropout"))
         if use_cls:
             cls = self.param(
                 "cls", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
                 (self.width,), jnp.float32,
             )
+        if patch_mask is not None:
+            # After the other params, so their init keys (the module's rng counter) do not depend
+            # on whether a mask was ever passed; before the positions are added (BEiT / iBOT).
+            x = self._mask_patches(x, patch_mask, train)
+        x = x + pos[with_cls_pos:][None]
+        if train and self.patch_dropout > 0.0:
+            x = patch_dropout(x, self.patch_dropout, self.make_rng("dropout"))
+        if use_cls:
             cls = cls.astype(self.dtype)
             if with_cls_pos:
                 cls = cls + pos[0]
@@ -244,6 +262,18 @@ class VisionTransformer(nn.Module):
         if return_tokens:
             return pooled, patches, jnp.ones(patches.shape[:2], bool)
         return pooled
+
+    def _mask_patches(self, x: jax.Array, patch_mask: jax.Array, train: bool) -> jax.Array:
+        """Patch embeddings ``x [B, N, W]`` with the masked ones (``patch_mask [B, N]`` bool)
+        replaced by the learned ``mask_token`` [W] (created here on first use)."""
+        if patch_mask.shape != x.shape[:2]:
+            raise ValueError(f"patch_mask must be [B, num_patches] = {x.shape[:2]}, got {patch_mask.shape}")
+        if train and self.patch_dropout > 0.0:
+            raise ValueError("patch_mask cannot be combined with patch_dropout > 0 at train time: masked "
+                             "prediction needs the output of every patch token")
+        token = self.param("mask_token", nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed",)),
+                           (self.width,), jnp.float32)
+        return jnp.where(patch_mask[:, :, None], token.astype(self.dtype)[None, None], x)
 
     def _conv(self, features: int, kernel, strides, padding: str, name: str, use_bias: bool) -> nn.Conv:
         return nn.Conv(

@@ -90,7 +90,8 @@ def model_config_for(config: Any, tokenizer: Any):
         return model_config
     teacher = model_config.get("teacher") or {}
     # Text groups default to -1 (from the tokenizer) when the field is absent; towers only when set.
-    text_groups = [g for g in (model_config.get("text"), teacher.get("text")) if g is not None]
+    text_groups = [g for g in (model_config.get("text"), model_config.get("decoder"), teacher.get("text"))
+                   if g is not None]
     towers = list(model_config.get("towers", {}).values()) + list(teacher.get("towers", {}).values())
     for group, missing in [(g, -1) for g in text_groups] + [(g, 0) for g in towers]:
         if hasattr(group, "get") and group.get("vocab_size", missing) == -1:
@@ -206,7 +207,8 @@ def build_training(config: Any, mesh: Mesh | None = None, *, tokenizer: Any = No
     built = build_model(config, tokenizer)
     tx, schedule = make_optimizer(config.optim, durations.total, warmup_steps=durations.warmup)
     options = StepOptions.from_config(config)
-    objective = losses.make_objective(config.loss, mesh, batch_axes, model_config=config.model)
+    objective = losses.make_objective(config.loss, mesh, batch_axes, model_config=config.model,
+                                      train_steps=durations.total)
     # An objective's teacher (momentum encoder) lives in the EMA slot.
     ema = options.ema_decay > 0 or bool(getattr(objective, "teacher", False))
     abstract, shardings = abstract_train_state(built.model, tx, built.inputs, rules=config.sharding.rules, mesh=mesh,

@@ -106,6 +106,10 @@ def default_config() -> ConfigDict:
     c.optim.freeze = ()
     # - lr_multipliers: [(regex, multiplier)], first match wins; unmatched params use 1.0.
     c.optim.lr_multipliers = []
+    # - freeze_until: [(regex, steps)], first match wins: no change to the matching params during
+    #   updates 0..steps-1, normal training after (SwAV's prototypes: [('prototypes', steps of
+    #   one epoch)]). Unlike freeze, they keep optimizer state and get gradients.
+    c.optim.freeze_until = []
     # EMA of the parameters (0 = off); evaluated and checkpointed alongside the params.
     c.optim.ema_decay = 0.0
 
@@ -400,7 +404,7 @@ def _choices() -> tuple:
     from contrastive_jax.models.layers import ATTENTION_IMPLS
     from contrastive_jax.train.optim import OPTIMIZERS, SCHEDULES
 
-    return (("loss.name", tuple(sorted(OBJECTIVES))), ("loss.impl", IMPLS), ("optim.name", OPTIMIZERS),
+    return (("loss.name", tuple(sorted([*OBJECTIVES, "multi"]))), ("loss.impl", IMPLS), ("optim.name", OPTIMIZERS),
             ("optim.schedule", SCHEDULES), ("optim.decay_shape", ("linear", "cosine", "sqrt")),
             ("data.tokenizer.kind", TOKENIZER_KINDS), ("data.tokenizer.clean", CLEAN_MODES),
             ("data.augment.crop", CROPS),
@@ -559,7 +563,8 @@ def _objective_problems(cfg: Any) -> list[str]:
     from contrastive_jax import losses
 
     try:
-        losses.make_objective(cfg.loss, None, None, model_config=cfg.model)
+        # Any run length resolves 'multi' start fractions; the real one is the builder's.
+        losses.make_objective(cfg.loss, None, None, model_config=cfg.model, train_steps=1000)
     except ValueError as e:
         return [" ".join(str(e).split())]
     except Exception:  # anything else is the full builder's to report, with its context

@@ -36,6 +36,7 @@ from contrastive_jax import storage
 from contrastive_jax.parallel.distributed import any_process, barrier
 from contrastive_jax.parallel.mesh import make_mesh, to_host
 from contrastive_jax.train.builder import NONFINITE_POLICIES, Training, build_training, model_config_for, validate
+from contrastive_jax.train.config import ConfigError
 from contrastive_jax.train.checkpoint import Checkpointer, load_params_from
 from contrastive_jax.train.durations import resolve_durations
 from contrastive_jax.train.flops import compiled_flops, peak_flops_per_device
@@ -236,7 +237,8 @@ def _start(config: Any, workdir: str, mesh, t_start: float) -> _Run:
     """Data, tokenizer, the built training and its state (restored, initialized from
     ``checkpoint.init_from``, or fresh). Nothing of an earlier run in ``workdir`` is overwritten
     before it is known to be this run's (:mod:`contrastive_jax.train.workdir`)."""
-    durations = resolve_durations(config, _prepare_data(config))
+    train_examples = _prepare_data(config)
+    durations = resolve_durations(config, train_examples)
     # The tokenizer is stored with the run so evaluation and later loading tokenize exactly as
     # training did; one that differs from the stored one means another run.
     tokenizer = data_lib.build_tokenizer(config.data)
@@ -245,6 +247,10 @@ def _start(config: Any, workdir: str, mesh, t_start: float) -> _Run:
                                               global_batch_size=int(config.train.batch_size),
                                               seed=int(config.data.shuffle_seed))
     training = build_training(config, mesh, tokenizer=tokenizer, durations=durations)
+    ids = getattr(training.objective, "num_examples", None)  # per-example state (iSogCLR)
+    if ids is not None and train_examples and int(ids) < int(train_examples):
+        raise ConfigError(f"config.loss.{config.loss.name}.num_examples={ids} is smaller than the training split "
+                          f"({train_examples} examples): every example_id must have a row of the state")
     evaluator = eval_lib.EvalRunner(config, training.model, mesh, training.batch_axes, training.shardings.params,
                                     tokenizer, default_every_steps=durations.eval_every)
 

@@ -12,7 +12,10 @@ e.g. ``image/encoder/block_0/attn/query/kernel``):
   with ``set_to_zero``) and, in the train step, no gradient computation at all;
 - ``optim.no_decay``: excluded from weight decay (norms, biases, the loss's scale/bias, ...);
 - ``optim.lr_multipliers``: ``[(regex, multiplier)]``, first match wins, scales the update (and so
-  the effective learning rate, weight decay included) of the matching parameters.
+  the effective learning rate, weight decay included) of the matching parameters;
+- ``optim.freeze_until``: ``((regex, steps), ...)``, first match wins: the matching parameters
+  stay exactly unchanged for updates ``0 .. steps-1`` and train normally afterwards (SwAV's
+  prototypes during the first epoch, Caron et al. 2020); see :func:`freeze_until`.
 
 Gradient clipping (global norm) is computed over the trainable parameters only.
 """
@@ -115,18 +118,21 @@ def trainable_mask(params: Any, freeze: Sequence[str]) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: not frozen(path_str(path)), params)
 
 
-def lr_multiplier_tree(params: Any, rules: Sequence[Sequence[Any]]) -> Any:
-    """Pytree of floats: the first matching ``(regex, multiplier)`` rule's multiplier, else 1."""
-    compiled = [(re.compile(p), float(m)) for p, m in rules]
+def first_match_tree(params: Any, rules: Sequence[Sequence[Any]], cast: Any, default: Any) -> Any:
+    """Pytree of ``cast(value)`` of the first ``(regex, value)`` rule whose regex fullmatches the
+    parameter's ``/``-joined path, else ``default``."""
+    compiled = [(re.compile(p), cast(v)) for p, v in rules]
 
     def one(path, _):
         name = path_str(path)
-        for pattern, mult in compiled:
-            if pattern.fullmatch(name):
-                return mult
-        return 1.0
+        return next((v for pattern, v in compiled if pattern.fullmatch(name)), default)
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def lr_multiplier_tree(params: Any, rules: Sequence[Sequence[Any]]) -> Any:
+    """Pytree of floats: the first matching ``(regex, multiplier)`` rule's multiplier, else 1."""
+    return first_match_tree(params, rules, float, 1.0)
 
 
 def scale_by_multipliers(rules: Sequence[Sequence[Any]]) -> optax.GradientTransformation:
@@ -179,6 +185,79 @@ def _base_optimizer(optim_config: Any, schedule: optax.Schedule) -> optax.Gradie
     raise ValueError(f"unknown config.optim.name {name!r}; known: {', '.join(OPTIMIZERS)}")
 
 
+class FreezeUntilState(NamedTuple):
+    """State of :func:`freeze_until`: ``count`` int32 scalar (updates so far) and the inner state."""
+
+    count: jax.Array
+    inner: Any
+
+
+def freeze_until_steps(params: Any, rules: Sequence[Sequence[Any]]) -> Any:
+    """Pytree of ints: the first matching ``(regex, steps)`` rule's ``steps``, else 0."""
+    return first_match_tree(params, rules, int, 0)
+
+
+def freeze_until(inner: optax.GradientTransformation, rules: Sequence[Sequence[Any]]) -> optax.GradientTransformation:
+    """``inner`` with the parameters matching ``rules`` = ``((regex, steps), ...)`` held fixed for
+    their first ``steps`` updates (a temporary ``optim.freeze``).
+
+    While a parameter is held, its gradient and its value enter ``inner`` as zero (so it adds
+    nothing to the clipping norm, and neither it nor its weight decay to momentum or moments),
+    and its final update is zero: the parameter is bitwise unchanged. Afterwards it trains as any other. The
+    inner optimizer keeps one step count for all parameters, so an Adam-type optimizer's bias
+    correction is already warm when a held parameter is released (its moments start from zero
+    then, and its first updates are correspondingly small; SGD / LARS are unaffected).
+
+    Args:
+      inner: the optimizer of all parameters.
+      rules: ``[(regex over '/'-joined parameter paths, steps >= 0)]``, first match wins.
+
+    Returns:
+      A transformation whose state is :class:`FreezeUntilState`; the count advances once per
+      ``update`` (the train step's update count: a skipped non-finite step keeps the old state).
+    """
+    rules = tuple((str(p), int(n)) for p, n in rules)
+
+    def init(params):
+        return FreezeUntilState(jnp.zeros((), jnp.int32), inner.init(params))
+
+    def update(updates, state, params=None):
+        held = jax.tree.map(lambda n: state.count < n, freeze_until_steps(updates, rules))
+        zero = lambda h, u: jnp.where(h, jnp.zeros_like(u), u)  # noqa: E731
+        updates = jax.tree.map(zero, held, updates)
+        # Held params enter as zeros too: an optimizer that folds weight decay into its gradient
+        # (SGD's coupled L2, LARS) would otherwise build momentum from wd * p while they are held.
+        inner_params = None if params is None else jax.tree.map(zero, held, params)
+        updates, inner_state = inner.update(updates, state.inner, inner_params)
+        updates = jax.tree.map(zero, held, updates)
+        return updates, FreezeUntilState(state.count + 1, inner_state)
+
+    return optax.GradientTransformation(init, update)
+
+
+def freeze_until_rules(optim_config: Any) -> tuple[tuple[str, int], ...]:
+    """The checked ``optim.freeze_until`` rules (ValueError naming the field, one line)."""
+    value = optim_config.get("freeze_until", ())
+    bad = (f"config.optim.freeze_until={value!r} is invalid: must be a list of (regex, steps) pairs, steps an "
+           "integer >= 0, e.g. [('prototypes', 5000)]")
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError(bad)
+    rules = []
+    for rule in value:
+        if not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str):
+            raise ValueError(bad)
+        pattern, steps = rule
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(bad)
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"config.optim.freeze_until={value!r} is invalid: {pattern!r} is not a regex ({e})") \
+                from None
+        rules.append((pattern, steps))
+    return tuple(rules)
+
+
 class Optimizer(NamedTuple):
     """``(tx, schedule)``: the gradient transformation and its learning-rate schedule (step ->
     LR, logged as ``lr``); unpacks like the tuple it is."""
@@ -191,7 +270,8 @@ def make_optimizer(optim_config: Any, total_steps: int, warmup_steps: int | None
     """Returns ``Optimizer(tx, schedule)``.
 
     ``tx`` = (clip by global norm -> optimizer -> LR multipliers) on the trainable parameters,
-    ``set_to_zero`` (no state) on the ``optim.freeze`` ones. See the module docstring.
+    ``set_to_zero`` (no state) on the ``optim.freeze`` ones, all inside :func:`freeze_until`
+    when ``optim.freeze_until`` holds a rule with steps > 0. See the module docstring.
     """
     schedule = make_schedule(optim_config, total_steps, warmup_steps)
     parts = []
@@ -208,5 +288,8 @@ def make_optimizer(optim_config: Any, total_steps: int, warmup_steps: int | None
             return jax.tree.map(lambda t: TRAINABLE if t else FROZEN, trainable_mask(params, freeze))
 
         tx = optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels)
+    held = freeze_until_rules(optim_config)
+    if any(steps > 0 for _, steps in held):
+        tx = freeze_until(tx, held)
     return Optimizer(tx, schedule)
 

@@ -15,6 +15,7 @@ stops the run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -99,7 +100,8 @@ def _closed_objective(objective: Any, state: TrainState, apply_fn: Callable, inp
     metrics under ``_loss_state`` (popped by the step)."""
     teacher_out = None
     if objective.teacher:
-        teacher_out = _teacher_outputs(apply_fn, state.ema_params, inputs, jax.random.fold_in(rng, 1 << 20), n)
+        teacher_apply = functools.partial(apply_fn, method=getattr(objective, "teacher_method", None))
+        teacher_out = _teacher_outputs(teacher_apply, state.ema_params, inputs, jax.random.fold_in(rng, 1 << 20), n)
         ema_decay = objective.teacher_decay(state.step)
 
     def fn(out, batch):
@@ -244,8 +246,9 @@ def make_train_step(
         # Float inputs come normalized from the host pipeline; uint8 ones are normalized here.
         return normalize_images(x, options.image_mean, options.image_std) if x.dtype == jnp.uint8 else x
 
-    def apply_fn(params, inputs, rng):
-        return model.apply({"params": params}, *[to_float(x) for x in inputs], train=True, rngs={"dropout": rng})
+    def apply_fn(params, inputs, rng, method=None):
+        return model.apply({"params": params}, *[to_float(x) for x in inputs], train=True, rngs={"dropout": rng},
+                           method=method)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         missing = [k for k in modalities if k not in batch]

@@ -237,7 +237,7 @@ def test_boxed_and_unboxed_params_agree(fp32, fp32_variables, apply_fn):
     "overrides, pattern",
     [
         ({"image.name": "swin"}, r"model.image.name 'swin'.*known: resnet, vit"),
-        ({"name": "clip"}, r"model.name 'clip'.*known: distill, multiview, n_tower, slip, two_tower"),
+        ({"name": "clip"}, r"model.name 'clip'.*known: coca, distill, multiview, n_tower, slip, two_tower"),
         ({"image.name": "vit_b16"}, r"model.image.name 'vit_b16'"),  # no substring dispatch
         ({"text.name": "gpt"}, r"model.text.name 'gpt'.*known: transformer"),
         ({"dtype": "float16"}, r"model.dtype 'float16'"),
@@ -312,7 +312,7 @@ def test_vit_stem_and_posemb_options(stem, posemb):
 # Registries and schemas: every built-in kind listed once, defaults in one place, config checks
 # ---------------------------------------------------------------------------------------------
 
-BUILTIN_MODELS = ("two_tower", "n_tower", "distill", "multiview", "slip")
+BUILTIN_MODELS = ("two_tower", "coca", "n_tower", "distill", "multiview", "slip")
 BUILTIN_REGISTRIES = dict(MODELS=sorted(BUILTIN_MODELS), IMAGE_TOWERS=["resnet", "vit"], TEXT_TOWERS=["transformer"],
                           ENCODERS=["mlp", "resnet", "signal", "transformer", "vit"])
 
@@ -368,10 +368,14 @@ def test_run_schema_defaults_are_the_module_defaults():
     from contrastive_jax.models.schema import field_default, module_fields
 
     run = default_config().model
-    config_only = {"name", "dtype", "matryoshka_dims", "image", "text", "modalities", "teacher", "towers"}
+    # Groups other model kinds read (multiview: prototypes, multicrop; coca: decoder, caption,
+    # self_distill, multicrop), checked by their own builders.
+    config_only = {"name", "dtype", "matryoshka_dims", "image", "text", "modalities", "teacher", "towers",
+                   "prototypes", "multicrop", "decoder", "caption", "self_distill"}
     cases = [(run, model_config_lib.TWO_TOWER, config_only),
              (run.image, model_config_lib.VIT, set(model_config_lib.GROUP_KEYS)),
-             (run.text, model_config_lib.TEXT, set(model_config_lib.GROUP_KEYS))]
+             (run.text, model_config_lib.TEXT, set(model_config_lib.GROUP_KEYS)),
+             (run.decoder, model_config_lib.DECODER, set())]
     for group, schema, extra_keys in cases:
         fields = {k: f for k, f in module_fields(schema.cls).items() if k not in schema.builder_fields}
         assert set(group.keys()) == set(fields) | extra_keys, schema.cls.__name__
@@ -453,6 +457,8 @@ def test_sample_inputs_cover_every_model_kind():
         if name == "distill":
             cfg.teacher = ml_collections.ConfigDict(dict(
                 embed_dim=8, image=dict(patch_size=4, **small), text=dict(vocab_size=VOCAB, **small)))
+        if name == "coca":
+            cfg.decoder = ml_collections.ConfigDict(dict(vocab_size=VOCAB, **small))
         if name == "n_tower":
             cfg.modalities = ("text", "image", "audio")
             cfg.towers = ml_collections.ConfigDict(dict(
