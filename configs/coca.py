@@ -28,6 +28,10 @@ def get_config(arg=None):
     c.model.caption = dict(label_smoothing=0.0, impl="chunked")
     c.loss = dict(name="multi", impl="chunked", block_size=int(c.loss.block_size),
                   multi=dict(terms=(("softmax", 1.0, 0.0), ("captioning", 2.0, 0.0))))
+    if variant != "tiny":
+        # Caption quality of the held-out split at every evaluation (BLEU-4, CIDEr-D, exact match).
+        c.eval.evaluators = [dict(name="zero_shot"), dict(name="retrieval"), dict(name="captioning"),
+                             dict(name="linear_probe", every_steps=0)]
     if variant == "capfirst":
         c.model.decoder.parallel_fraction = 0.5
     elif variant not in ("", "tiny"):
