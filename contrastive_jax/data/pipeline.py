@@ -190,14 +190,20 @@ class ExampleProcessor:
 _EXAMPLE_ID = "__example_id__"
 
 
-def _with_example_id(index: int, record: Any) -> Any:
-    """The record with its position in the training split attached: the batch's ``example_id``
-    (a stable id per example across epochs and resumes, for objectives with per-example state
-    such as iSogCLR)."""
-    if isinstance(record, dict):
-        record = dict(record)
-        record[_EXAMPLE_ID] = index
-    return record
+class _WithExampleId:
+    """``(index, record)`` -> the record with its position in the training split attached: the
+    batch's ``example_id``, a stable id per example across epochs and resumes (for objectives
+    with per-example state such as iSogCLR). The index is taken modulo the split's size: grain
+    hands the source's map the stream position, which keeps growing over the repeated epochs."""
+
+    def __init__(self, size: int):
+        self.size = int(size)
+
+    def __call__(self, index: int, record: Any) -> Any:
+        if isinstance(record, dict):
+            record = dict(record)
+            record[_EXAMPLE_ID] = index % self.size
+        return record
 
 
 class _ProcessOrReplace(grain.MapDataset):
@@ -406,7 +412,7 @@ def make_train_iterator(
                          f"examples): use a batch size <= {len(source)} or a bigger dataset")
     processor = ExampleProcessor(entry, tokenizer, data_config, train=True, seed=int(seed))
     source = _ReopenedSource(data_config, data_config.train_split, source)
-    ds = grain.MapDataset.source(source).map_with_index(_with_example_id).shuffle(seed=seed).repeat(None)
+    ds = grain.MapDataset.source(source).map_with_index(_WithExampleId(len(source))).shuffle(seed=seed).repeat(None)
     ds = _ProcessOrReplace(ds, processor)
     # Blocks of host_batch consecutive stream elements; block k belongs to host k mod P, so
     # host p's i-th batch is rows [p*b, (p+1)*b) of global batch i. MapDataset batching is lazy:

@@ -75,7 +75,10 @@ def test_train_batches_shapes_dtypes_and_alignment(shapes_cfg, shapes_tok, shape
 def test_epochs_are_permutations_reshuffled_and_seeded(shapes_cfg, shapes_tok, shapes_train_index):
     cfg, tok, index = shapes_cfg, shapes_tok, shapes_train_index
     g = 20  # 15 steps per epoch of 300
-    ids = [_row_ids(b, cfg, index) for b in _take(_iterator(cfg, tok, g, seed=0), 30)]
+    batches = _take(_iterator(cfg, tok, g, seed=0), 30)
+    ids = [_row_ids(b, cfg, index) for b in batches]
+    # example_id is the row's index in the split in every epoch (not the stream position).
+    assert [list(b["example_id"]) for b in batches] == [list(i) for i in ids]
     epoch1 = [i for b in ids[:15] for i in b]
     epoch2 = [i for b in ids[15:] for i in b]
     assert sorted(epoch1) == list(range(N_TRAIN)) and sorted(epoch2) == list(range(N_TRAIN))
