@@ -75,7 +75,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.isogclr = ml_collections.ConfigDict()
     c.isogclr.num_examples = 0
     c.isogclr.gamma = 0.8  # weight of the new batch estimate in the moving average u <- (1-g) u + g g_B
-    c.isogclr.rho = 8.0  # KL-ball radius of the robust (DRO) loss; larger pushes temperatures up
+    # KL-ball radius of the DRO loss; larger pushes temperatures down. The batch KL estimate is at
+    # most log(B - 1): above it every tau falls to tau_min (B = 64, rho = 8; docs/benchmarks.md).
+    c.isogclr.rho = 8.0
     c.isogclr.tau_init = 0.01  # every example's starting temperature
     c.isogclr.tau_min = 0.005  # temperatures are projected onto [tau_min, tau_max] after each update
     c.isogclr.tau_max = 1.0
