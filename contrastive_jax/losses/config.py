@@ -30,6 +30,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.hard_negative.beta = 1.0
     c.hard_negative.tau_plus = 0.0
     c.hard_negative.fn_threshold = 1.0
+    # True: the importance weights exp(beta l) are constants of the backward pass (every negative
+    # repelled); False: differentiated as in the paper's code (easy negatives are attracted).
+    c.hard_negative.constant_weights = False
 
     # cwcl: target weights f(<t_i, t_j>) from the embeddings of one modality, taken from the
     # model outputs (e.g. 'image', a frozen tower) or, with the prefix 'batch:', from a batch key

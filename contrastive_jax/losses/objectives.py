@@ -97,7 +97,8 @@ def decoupled_contrastive_loss(x, y, *, scale, sigma: float = 0.0, valid=None, i
 
 
 def hard_negative_loss(x, y, *, scale, beta: float = 1.0, tau_plus: float = 0.0, fn_threshold: float = 1.0,
-                       valid=None, impl="dense", block_size=1024, mesh=None, batch_axes=None):
+                       constant_weights: bool = False, valid=None, impl="dense", block_size=1024, mesh=None,
+                       batch_axes=None):
     """Hard-negative sampling (Robinson et al. 2021, "Contrastive Learning with Hard Negative
     Samples", ICLR), image->text and text->image averaged.
 
@@ -112,6 +113,15 @@ def hard_negative_loss(x, y, *, scale, beta: float = 1.0, tau_plus: float = 0.0,
     (Chuang et al. 2020); the floor ``M exp(-scale)`` is the smallest value the negative term can
     take for unit vectors. Pairs with cosine ``<x_i, y_j> > fn_threshold`` are treated as false
     negatives and dropped (``fn_threshold >= 1`` disables). Both log-sum-exps stream.
+
+    ``constant_weights=True`` keeps the value and treats the importance weights ``exp(beta l_ij)``
+    (and their mean) as constants of the backward pass, as a sampling distribution is in importance
+    sampling: d R_i / d l_ij = R_i * softmax_j((1 + beta) l_i.), so every negative is pushed away,
+    the harder ones more. In the paper's form (False, its released code) the weights are
+    differentiated too: d log R_i / d l_ij = (1 + beta) w1_ij - beta w0_ij (w1, w0 the softmaxes
+    of (1 + beta) l and beta l), which is negative for negatives below the weighted mean, i.e.
+    easy negatives are pulled CLOSER. On ``shapes`` that pull turned the zero-shot size classifier
+    (prompts averaged over the other attributes) upside down (docs/benchmarks.md).
     """
     if not 0.0 <= tau_plus < 1.0:
         raise ValueError(f"tau_plus must be in [0, 1); got {tau_plus}")
@@ -130,6 +140,11 @@ def hard_negative_loss(x, y, *, scale, beta: float = 1.0, tau_plus: float = 0.0,
     def direction(lse, m):
         log_m = jnp.log(jnp.maximum(m, 1.0))
         log_r = log_m + lse[:, 0] - lse[:, 1]
+        if constant_weights:
+            # Same value; gradient d lse0 / (1 + beta) = softmax((1 + beta) l): the weight factor
+            # exp(beta l) of each term and the normalizer are constants.
+            lse1 = lse[:, 0]
+            log_r = jax.lax.stop_gradient(log_r) + (lse1 - jax.lax.stop_gradient(lse1)) / (1.0 + beta)
         # exp() of values shifted by a (constant) max keeps the debiasing difference finite.
         c = jax.lax.stop_gradient(jnp.maximum(jnp.maximum(log_r, pos), log_m - s))
         num = jnp.exp(log_r - c) - tau_plus * m * jnp.exp(pos - c)

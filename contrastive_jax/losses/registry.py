@@ -77,7 +77,7 @@ def _hard_negative(loss_config, mesh, batch_axes) -> Objective:
         raise ValueError(f"config.loss.hard_negative.tau_plus must be in [0, 1); got {h.tau_plus}")
     return lambda out, batch: O.hard_negative_loss(
         out["image"], out["text"], scale=out["scale"], beta=float(h.beta), tau_plus=float(h.tau_plus),
-        fn_threshold=float(h.fn_threshold), **kw)
+        fn_threshold=float(h.fn_threshold), constant_weights=bool(h.constant_weights), **kw)
 
 
 def _cwcl(loss_config, mesh, batch_axes) -> Objective:

@@ -50,16 +50,19 @@ def ref_dcl(x, y, s, sigma=0.0):
     return np.mean(0.5 * (lse(off, 1) - w * s * c) + 0.5 * (lse(off, 0) - w * s * c))
 
 
-def ref_hard_negative(x, y, s, beta, tau_plus, thr):
+def ref_hard_negative(x, y, s, beta, tau_plus, thr, frozen=None):
+    """``frozen``: logits [B, B] the importance weights exp(beta l) are computed from instead of
+    l (held fixed, finite differences of this give the constant-weights gradient)."""
     l = s * x @ y.T
     cos = x @ y.T
+    fl = l if frozen is None else frozen
     n = len(x)
     out = 0.0
-    for lm, cm in ((l, cos), (l.T, cos.T)):  # text->image: same formula on the transpose
+    for lm, cm, fm in ((l, cos, fl), (l.T, cos.T, fl.T)):  # text->image: same formula on the transpose
         for i in range(n):
             keep = [j for j in range(n) if j != i and cm[i, j] <= thr]
             neg = np.exp(lm[i, keep])
-            imp = np.exp(beta * lm[i, keep])
+            imp = np.exp(beta * fm[i, keep])
             m = len(keep)
             reweight = np.sum(imp * neg) / np.mean(imp)
             pos = np.exp(lm[i, i])
@@ -160,6 +163,7 @@ def fd_grad(f, arrays, h=1e-6):
 G = np.arange(B) // 3  # groups of 3 (the last of 1)
 TX, TY = data(seed=7, sharpen=2.0)
 Z3 = unit(np.random.default_rng(9).standard_normal((B, D)))
+X1, Y1 = data(seed=1)  # the evaluation point of every case (reference() and run())
 
 
 def _f(fn):
@@ -174,6 +178,12 @@ CASES = {
     "hard_negative": (
         _f(lambda x, y, s, **kw: O.hard_negative_loss(x, y, scale=s, beta=0.7, tau_plus=0.1, fn_threshold=0.8, **kw)),
         lambda x, y, s: ref_hard_negative(x, y, s, 0.7, 0.1, 0.8)),
+    # Importance weights constant in the backward pass: the same value at the evaluation point,
+    # the gradient = finite differences with the weights frozen at that point's logits.
+    "hard_negative_constant_weights": (
+        _f(lambda x, y, s, **kw: O.hard_negative_loss(x, y, scale=s, beta=0.7, tau_plus=0.1, fn_threshold=0.8,
+                                                      constant_weights=True, **kw)),
+        lambda x, y, s: ref_hard_negative(x, y, s, 0.7, 0.1, 0.8, frozen=SCALE * X1 @ Y1.T)),
     "cwcl": (_f(lambda x, y, s, **kw: O.soft_target_loss(x, y, scale=s, targets=jnp.asarray(TX, jnp.float32), **kw)),
              lambda x, y, s: ref_weighted(x, y, s, 0.5 * (1 + TX @ TX.T))),
     "multi_positive": (
@@ -285,6 +295,25 @@ def test_hard_negative_beta0_is_infonce(impl):
     a, _ = jax.jit(lambda x, y: O.hard_negative_loss(x, y, scale=6.0, beta=0.0, impl=impl, block_size=5))(x, y)
     b = jax.jit(lambda x, y: L.softmax_contrastive_loss(x, y, scale=6.0))(x, y)
     close(a, b, RTOL)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_hard_negative_constant_weights_repel_every_negative(impl):
+    # x = identity rows makes the logits l_ij = s * y[j, i], so dL/dy[j, i] = s * dL/dl_ij. With
+    # constant weights dL/dl_ij = c_i * softmax((1 + beta) l_i.)_j + (the same for column j) > 0
+    # for every negative; the paper's form, d log R / dl_ij = (1 + beta) w1_ij - beta w0_ij, is
+    # negative for the easier negatives: it pulls them closer. Same value either way.
+    n = 8
+    x = np.eye(n)
+    y = np.random.default_rng(3).standard_normal((n, n)) * 0.5 + 1.5 * np.eye(n)
+    f = lambda const: jax.jit(jax.value_and_grad(lambda a, b: O.hard_negative_loss(
+        a, b, scale=3.0, beta=1.0, constant_weights=const, impl=impl, block_size=3)[0], argnums=1))
+    v_paper, g_paper = f(False)(*f32(x, y))
+    v_const, g_const = f(True)(*f32(x, y))
+    close(v_const, v_paper, RTOL)
+    off = ~np.eye(n, dtype=bool)
+    assert np.all(np.asarray(g_const)[off] > 0)
+    assert np.sum(np.asarray(g_paper)[off] < 0) >= n  # several negatives attracted
 
 
 def test_hard_negative_false_negative_mask_removes_the_duplicate():
