@@ -30,9 +30,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.hard_negative.beta = 1.0
     c.hard_negative.tau_plus = 0.0
     c.hard_negative.fn_threshold = 1.0
-    # True: the importance weights exp(beta l) are constants of the backward pass (every negative
-    # repelled); False: differentiated as in the paper's code (easy negatives are attracted).
-    c.hard_negative.constant_weights = False
+    c.hard_negative.constant_weights = False  # True: weights exp(beta l) constant in backward (see the loss)
 
     # cwcl: target weights f(<t_i, t_j>) from the embeddings of one modality, taken from the
     # model outputs (e.g. 'image', a frozen tower) or, with the prefix 'batch:', from a batch key
@@ -78,9 +76,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.isogclr = ml_collections.ConfigDict()
     c.isogclr.num_examples = 0
     c.isogclr.gamma = 0.8  # weight of the new batch estimate in the moving average u <- (1-g) u + g g_B
-    # KL-ball radius of the DRO loss; larger pushes temperatures down. The batch KL estimate is at
-    # most log(B - 1): above it every tau falls to tau_min (B = 64, rho = 8; docs/benchmarks.md).
-    c.isogclr.rho = 8.0
+    c.isogclr.rho = 8.0  # DRO KL radius: larger lowers the taus; above log(B - 1) all fall to tau_min
     c.isogclr.tau_init = 0.01  # every example's starting temperature
     c.isogclr.tau_min = 0.005  # temperatures are projected onto [tau_min, tau_max] after each update
     c.isogclr.tau_max = 1.0

@@ -141,10 +141,10 @@ def hard_negative_loss(x, y, *, scale, beta: float = 1.0, tau_plus: float = 0.0,
         log_m = jnp.log(jnp.maximum(m, 1.0))
         log_r = log_m + lse[:, 0] - lse[:, 1]
         if constant_weights:
-            # Same value; gradient d lse0 / (1 + beta) = softmax((1 + beta) l): the weight factor
-            # exp(beta l) of each term and the normalizer are constants.
-            lse1 = lse[:, 0]
-            log_r = jax.lax.stop_gradient(log_r) + (lse1 - jax.lax.stop_gradient(lse1)) / (1.0 + beta)
+            # Same value; the gradient of log sum exp((1 + beta) l) divided by (1 + beta), i.e.
+            # softmax((1 + beta) l): the factor exp(beta l) of each term and the normalizer are constants.
+            hi = lse[:, 0]
+            log_r = jax.lax.stop_gradient(log_r) + (hi - jax.lax.stop_gradient(hi)) / (1.0 + beta)
         # exp() of values shifted by a (constant) max keeps the debiasing difference finite.
         c = jax.lax.stop_gradient(jnp.maximum(jnp.maximum(log_r, pos), log_m - s))
         num = jnp.exp(log_r - c) - tau_plus * m * jnp.exp(pos - c)
