@@ -441,8 +441,35 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str, num_examples: int) -> Iterator[tuple[int, dict]]:
         cfg = self.builder_config
+        yield from enumerate(generate_split(cfg.seed, split, num_examples, cfg.image_size))
+
+
+#: Below this many examples a split is rendered in-process: starting worker interpreters
+#: (~2 s each, they import this module) would cost more than it saves.
+PARALLEL_MIN_EXAMPLES = 4000
+
+
+def generate_split(seed: int, split: str, num_examples: int, image_size: int,
+                   workers: int | None = None) -> Iterator[dict[str, Any]]:
+    """``generate_example(seed, split, i, image_size)`` for i = 0 .. num_examples-1, in order.
+
+    Rendering (~1 ms/example at 64 px, PIL + numpy) runs in ``workers`` processes (default: one
+    per CPU, serial below :data:`PARALLEL_MIN_EXAMPLES`): on the 2-core machine this takes the
+    quickstart's 23,000-example dataset from ~36 s to ~20 s. Every example is a pure function of
+    its index, so the output is identical for any number of workers.
+    """
+    if workers is None:
+        workers = (os.cpu_count() or 1) if num_examples >= PARALLEL_MIN_EXAMPLES else 1
+    if workers <= 1:
         for i in range(num_examples):
-            yield i, generate_example(cfg.seed, split, i, cfg.image_size)
+            yield generate_example(seed, split, i, image_size)
+        return
+    import multiprocessing  # only the parallel path needs it
+
+    # 'spawn', not fork: the caller has usually imported jax, whose threads make fork unsafe.
+    render = functools.partial(generate_example, seed, split, image_size=image_size)
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield from pool.imap(render, range(num_examples), chunksize=64)
 
 
 def make_builder(data_config) -> Shapes:

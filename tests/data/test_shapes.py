@@ -105,6 +105,19 @@ def test_stored_records_are_the_generator_output(shapes_records):
                 ex[k] for k in ("kind", "color", "size", "position")]
 
 
+def test_parallel_generation_matches_serial_order_and_bytes():
+    # Two spawned workers (the default on the 2-core machine for the quickstart's splits) must
+    # yield exactly the serial stream, in index order.
+    n = 150  # > 2 chunks of 64, so the workers interleave
+    par = list(shapes.generate_split(0, "validation", n, 32, workers=2))
+    assert len(par) == n
+    for i, ex in enumerate(par):
+        ref = shapes.generate_example(0, "validation", i, 32)
+        np.testing.assert_array_equal(ex["image"], ref["image"])
+        np.testing.assert_array_equal(ex["attributes"], ref["attributes"])
+        assert (ex["caption"], ex["kind"], ex["color"]) == (ref["caption"], ref["kind"], ref["color"])
+
+
 @pytest.mark.parametrize("split,index", sorted(PINNED_3_0_0))
 def test_other_features_are_byte_identical_to_3_0_0(split, index):
     # Adding ``attributes`` changed no other feature.
