@@ -448,15 +448,42 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
 #: (~2 s each, they import this module) would cost more than it saves.
 PARALLEL_MIN_EXAMPLES = 4000
 
+_CHUNK = 256  # examples per pickled message from a render worker
+
+# Run by each worker interpreter: the pickles go to a duplicate of fd 1, and fd 1 itself is
+# pointed at stderr, so a stray print or warning cannot corrupt the stream.
+_WORKER_CODE = (
+    "import os; out = os.fdopen(os.dup(1), 'wb'); os.dup2(2, 1)\n"
+    "from contrastive_jax.data.shapes import _render_chunks\n"
+    "_render_chunks({seed}, {split!r}, {n}, {size}, {first}, {stride}, out)\n"
+)
+
+
+def _render_chunks(seed: int, split: str, num_examples: int, image_size: int, first: int,
+                   stride: int, out) -> None:
+    """Worker side of :func:`generate_split`: pickles chunks first, first + stride, ... (each a
+    list of up to ``_CHUNK`` examples, in index order) to the binary stream ``out``."""
+    import pickle
+
+    for c in range(first, -(-num_examples // _CHUNK), stride):
+        lo, hi = c * _CHUNK, min(num_examples, (c + 1) * _CHUNK)
+        pickle.dump([generate_example(seed, split, i, image_size) for i in range(lo, hi)], out,
+                    protocol=pickle.HIGHEST_PROTOCOL)
+    out.flush()
+
 
 def generate_split(seed: int, split: str, num_examples: int, image_size: int,
                    workers: int | None = None) -> Iterator[dict[str, Any]]:
     """``generate_example(seed, split, i, image_size)`` for i = 0 .. num_examples-1, in order.
 
-    Rendering (~1 ms/example at 64 px, PIL + numpy) runs in ``workers`` processes (default: one
-    per CPU, serial below :data:`PARALLEL_MIN_EXAMPLES`): on the 2-core machine this takes the
-    quickstart's 23,000-example dataset from ~36 s to ~20 s. Every example is a pure function of
-    its index, so the output is identical for any number of workers.
+    Rendering (~1 ms/example at 64 px, PIL + numpy) runs in ``workers`` separate interpreters
+    (default: one per CPU, serial below :data:`PARALLEL_MIN_EXAMPLES`), each rendering every
+    ``workers``-th chunk of ``_CHUNK`` examples while this process writes the records. Plain
+    ``python -c`` subprocesses rather than a ``multiprocessing`` pool: a spawned pool re-imports
+    the caller's ``__main__``, so a script without an ``if __name__ == '__main__'`` guard would
+    recurse (and the pool would hang respawning dead workers); a forked one is unsafe once jax's
+    threads exist. Every example is a pure function of its index, so the output is identical
+    for any number of workers.
     """
     if workers is None:
         workers = (os.cpu_count() or 1) if num_examples >= PARALLEL_MIN_EXAMPLES else 1
@@ -464,12 +491,30 @@ def generate_split(seed: int, split: str, num_examples: int, image_size: int,
         for i in range(num_examples):
             yield generate_example(seed, split, i, image_size)
         return
-    import multiprocessing  # only the parallel path needs it
+    import pickle
+    import subprocess
+    import sys
 
-    # 'spawn', not fork: the caller has usually imported jax, whose threads make fork unsafe.
-    render = functools.partial(generate_example, seed, split, image_size=image_size)
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        yield from pool.imap(render, range(num_examples), chunksize=64)
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", _WORKER_CODE.format(seed=int(seed), split=str(split), n=int(num_examples),
+                                                   size=int(image_size), first=k, stride=workers)],
+        stdout=subprocess.PIPE) for k in range(workers)]
+    try:
+        for c in range(-(-num_examples // _CHUNK)):
+            proc = procs[c % workers]
+            try:
+                chunk = pickle.load(proc.stdout)
+            except EOFError:
+                raise RuntimeError(
+                    f"shapes dataset: render worker {c % workers} for split {split!r} exited with "
+                    f"code {proc.wait()} before chunk {c} (its traceback is on stderr above)") from None
+            yield from chunk
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.stdout.close()
+            proc.wait()
 
 
 def make_builder(data_config) -> Shapes:

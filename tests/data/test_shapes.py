@@ -3,6 +3,8 @@ pairs, captions and images agreeing with the labels, the ``attributes`` feature 
 modality) and the dataset's word vocabulary and prompts."""
 import hashlib
 import re
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -106,16 +108,32 @@ def test_stored_records_are_the_generator_output(shapes_records):
 
 
 def test_parallel_generation_matches_serial_order_and_bytes():
-    # Two spawned workers (the default on the 2-core machine for the quickstart's splits) must
-    # yield exactly the serial stream, in index order.
-    n = 150  # > 2 chunks of 64, so the workers interleave
-    par = list(shapes.generate_split(0, "validation", n, 32, workers=2))
+    # Two worker interpreters (the default on the 2-core machine for the quickstart's splits)
+    # must yield exactly the serial stream, in index order, across several interleaved chunks.
+    n = 3 * shapes._CHUNK + 17
+    par = list(shapes.generate_split(0, "validation", n, 16, workers=2))
     assert len(par) == n
-    for i, ex in enumerate(par):
-        ref = shapes.generate_example(0, "validation", i, 32)
-        np.testing.assert_array_equal(ex["image"], ref["image"])
-        np.testing.assert_array_equal(ex["attributes"], ref["attributes"])
-        assert (ex["caption"], ex["kind"], ex["color"]) == (ref["caption"], ref["kind"], ref["color"])
+    for i in (0, 1, shapes._CHUNK - 1, shapes._CHUNK, 2 * shapes._CHUNK + 5, n - 1):
+        ref = shapes.generate_example(0, "validation", i, 16)
+        np.testing.assert_array_equal(par[i]["image"], ref["image"])
+        np.testing.assert_array_equal(par[i]["attributes"], ref["attributes"])
+        assert (par[i]["caption"], par[i]["kind"], par[i]["color"]) == (ref["caption"], ref["kind"], ref["color"])
+
+
+def test_parallel_generation_reports_a_dead_worker():
+    with pytest.raises(RuntimeError, match="render worker 0 for split 'nosuch' exited with code 1"):
+        list(shapes.generate_split(0, "nosuch", 600, 16, workers=2))
+
+
+def test_parallel_generation_from_a_script_without_main_guard(tmp_path):
+    # A spawned multiprocessing pool would re-run this script in every worker (and hang); the
+    # subprocess workers never import the caller's __main__.
+    script = tmp_path / "gen.py"
+    script.write_text("from contrastive_jax.data import shapes\n"
+                      "print(len(list(shapes.generate_split(0, 'test', 600, 16, workers=2))))\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "600"
 
 
 @pytest.mark.parametrize("split,index", sorted(PINNED_3_0_0))
