@@ -10,6 +10,7 @@ Each worker count is timed in the same process run, one after another, after a w
 --warmup batches; compare ratios, the machine may be shared.
 
     python tools/bench_data.py --tokenizers          # captions/s of each tokenizer, side by side
+    python tools/bench_data.py --generation          # building the shapes dataset: serial vs workers
 
     python tools/bench_data.py --dataset webdataset --workers 1,2   # streamed sources, no conversion
     python tools/bench_data.py --dataset parquet --s3                # ... read from a loopback S3 server
@@ -27,6 +28,10 @@ processes). ``--s3`` uploads the shards to moto's S3 server on 127.0.0.1 (``pip 
 ``--dataset sources`` measures all four formats, local and on the loopback server, at every
 --workers count, in one process. Each result gives its ratio to the quickstart step's
 consumption (--consumption examples/s, measured by the quickstart run on this machine).
+
+``--generation``: seconds to build the quickstart's ``shapes`` dataset (render + TFDS
+array_record writing, into a temporary directory) rendered in this process vs in one worker
+interpreter per CPU (the default), --rounds alternating rounds.
 
 ``--tokenizers``: captions/s of CLIP BPE (ours with the ``tokenizers`` package's BPE, ours in pure
 Python, open_clip's own ``SimpleTokenizer``), the word tokenizer and a SentencePiece model trained
@@ -273,9 +278,35 @@ def _streamed_settings(cfg, workers: int) -> dict:
     return {"workers": workers, "read_threads": int(cfg.read_threads), "prefetch_batches": int(cfg.prefetch_batches)}
 
 
+def bench_generation(rounds: int) -> dict:
+    """Builds the quickstart's shapes dataset ``rounds`` times each way, alternating."""
+    from contrastive_jax.data import shapes
+    from contrastive_jax.train.config import load_config
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    cfg = load_config(os.path.join(here, "..", "configs", "quickstart.py")).data
+    default_min = shapes.PARALLEL_MIN_EXAMPLES
+    times: dict[str, list[float]] = {"serial": [], "workers": []}
+    for _ in range(rounds):
+        for way in times:
+            shapes.PARALLEL_MIN_EXAMPLES = default_min if way == "workers" else 10**12
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg.data_dir = tmp
+                t0 = time.perf_counter()
+                shapes.make_builder(cfg).download_and_prepare()
+                times[way].append(round(time.perf_counter() - t0, 2))
+    shapes.PARALLEL_MIN_EXAMPLES = default_min
+    best = {way: min(t) for way, t in times.items()}
+    return {"bench": "shapes_generation", "examples": cfg.num_train + cfg.num_validation + cfg.num_test,
+            "seconds": times, "best_s": best, "speedup": round(best["serial"] / best["workers"], 2),
+            "cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "loadavg_1min": round(os.getloadavg()[0], 2)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizers", action="store_true", help="captions/s of each tokenizer instead")
+    p.add_argument("--generation", action="store_true", help="seconds to build the shapes dataset instead")
     p.add_argument("--captions", type=int, default=20000, help="--tokenizers: number of captions")
     p.add_argument("--rounds", type=int, default=3, help="--tokenizers, streamed formats: interleaved rounds "
                    "(best reported)")
@@ -298,6 +329,9 @@ def main() -> None:
     args = p.parse_args()
     if args.tokenizers:
         print(json.dumps(bench_tokenizers(args), indent=1))
+        return
+    if args.generation:
+        print(json.dumps(bench_generation(args.rounds), indent=1))
         return
 
     from contrastive_jax import data
