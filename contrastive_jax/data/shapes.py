@@ -477,7 +477,7 @@ def generate_split(seed: int, split: str, num_examples: int, image_size: int,
     """``generate_example(seed, split, i, image_size)`` for i = 0 .. num_examples-1, in order.
 
     Rendering (~1 ms/example at 64 px, PIL + numpy) runs in ``workers`` separate interpreters
-    (default: one per CPU, serial below :data:`PARALLEL_MIN_EXAMPLES`), each rendering every
+    (default: one per usable CPU up to 8, serial below :data:`PARALLEL_MIN_EXAMPLES`), each rendering every
     ``workers``-th chunk of ``_CHUNK`` examples while this process writes the records. Plain
     ``python -c`` subprocesses rather than a ``multiprocessing`` pool: a spawned pool re-imports
     the caller's ``__main__``, so a script without an ``if __name__ == '__main__'`` guard would
@@ -486,7 +486,10 @@ def generate_split(seed: int, split: str, num_examples: int, image_size: int,
     for any number of workers.
     """
     if workers is None:
-        workers = (os.cpu_count() or 1) if num_examples >= PARALLEL_MIN_EXAMPLES else 1
+        # The CPUs this process may use (a container's share, not the host's count), at most
+        # 8: each worker interpreter holds ~300 MB once tensorflow_datasets is imported.
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        workers = min(usable, 8) if num_examples >= PARALLEL_MIN_EXAMPLES else 1
     if workers <= 1:
         for i in range(num_examples):
             yield generate_example(seed, split, i, image_size)
