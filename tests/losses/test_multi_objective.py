@@ -129,5 +129,8 @@ def test_multi_trains_through_the_builder_and_eight_devices_equal_one():
     for k, m in enumerate(m1):
         want = m["loss/softmax"] + (0.5 * m["loss/sigmoid"] if k >= 2 else 0.0)
         np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
+    # atol: Adam divides by sqrt(v), so float-rounding differences of the 8-way reduction in a
+    # near-zero gradient show up at ~1e-6 in the parameter on some processors (an Intel Xeon gave
+    # 1.2e-6); a sharding bug moves a parameter by the order of one update, lr = 2e-3.
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-        np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-6)
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=1e-5)
