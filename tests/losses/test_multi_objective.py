@@ -72,6 +72,26 @@ def test_terms_switch_on_at_their_start_and_every_term_is_logged():
     np.testing.assert_allclose(np.asarray(g_on), np.asarray(g_soft + 0.5 * g_sig), rtol=1e-5, atol=1e-7)
 
 
+def test_a_term_with_an_end_hands_over_to_the_next():
+    """(name, weight, start, end): hard_negative on for steps [0, 7), softmax from 7 on (of 10);
+    at beta = 0 the hard-negative loss is InfoNCE, so the value is the float64 reference on
+    both sides of the handover and the sum of both terms never appears."""
+    rng = np.random.default_rng(1)
+    x, y = _unit(rng, 8, 16), _unit(rng, 8, 16)
+    s = 10.0
+    cfg = _loss_config((("hard_negative", 1.0, 0.0, 0.7), ("softmax", 2.0, 0.7)))
+    cfg.hard_negative.beta = 0.0
+    obj = losses.make_objective(cfg, train_steps=10)
+    assert obj.start_steps == (0, 7) and obj.end_steps == (7, None)
+    out = {"image": jnp.asarray(x, jnp.float32), "text": jnp.asarray(y, jnp.float32), "scale": jnp.float32(s),
+           "bias": jnp.float32(0.0)}
+    want = _softmax_ref(x, y, s)
+    for step, factor in ((0, 1.0), (6, 1.0), (7, 2.0), (9, 2.0)):
+        loss, metrics, _ = obj(out, {}, {}, jnp.int32(step))
+        np.testing.assert_allclose(float(loss), factor * want, rtol=1e-5)
+        np.testing.assert_allclose(float(metrics["loss/hard_negative"]), want, rtol=1e-5)
+
+
 def test_an_off_term_that_is_nan_does_not_poison_the_total():
     obj = losses.make_objective(_loss_config((("softmax", 1.0, 0.0), ("captioning", 1.0, 0.5))), train_steps=4)
     out = {"image": jnp.eye(4), "text": jnp.eye(4), "scale": jnp.float32(1.0), "bias": jnp.float32(0.0),
@@ -94,6 +114,9 @@ def test_captioning_term_is_the_mean_over_target_tokens():
     ((("softmax", 1.0),), r"terms\[0\]"),
     ((("softmax", -1.0, 0.0),), "weight -1.0 is invalid"),
     ((("softmax", 1.0, 1.0),), "start 1.0 is invalid"),
+    ((("softmax", 1.0, 0.5, 0.5),), "end 0.5 is invalid"),
+    ((("softmax", 1.0, 0.0, 1.5),), "end 1.5 is invalid"),
+    ((("softmax", 1.0, 0.0, 0.5, 1.0),), r"terms\[0\].*end_fraction"),
     ((("softmax", 1.0, 0.0), ("softmax", 1.0, 0.5)), "twice"),
     ((("nope", 1.0, 0.0),), "unknown config.loss.name 'nope'"),
 ])
@@ -105,6 +128,8 @@ def test_bad_terms_name_the_field(terms, match):
 def test_a_late_term_needs_the_run_length():
     with pytest.raises(ValueError, match="run's length"):
         losses.make_objective(_loss_config((("softmax", 1.0, 0.0), ("sigmoid", 1.0, 0.5))))
+    with pytest.raises(ValueError, match="ending before 1"):
+        losses.make_objective(_loss_config((("softmax", 1.0, 0.0, 0.5), ("sigmoid", 1.0, 0.0))))
 
 
 def test_multi_trains_through_the_builder_and_eight_devices_equal_one():
