@@ -393,13 +393,15 @@ def make_config(image_size: int = 64, num_train: int = 20000, num_validation: in
 class Shapes(tfds.core.GeneratorBasedBuilder):
     """TFDS builder of the ``shapes`` dataset (array_record; read without TensorFlow)."""
 
-    VERSION = tfds.core.Version("3.1.0")
+    VERSION = tfds.core.Version("3.2.0")
     RELEASE_NOTES = {
         "1.0.0": "First release (3x3 positions).",
         "2.0.0": "2x2 positions.",
         "3.0.0": "Images stored as raw uint8 tensors instead of PNG.",
         "3.1.0": "Adds 'attributes' (noisy one-hot attribute vector, a third modality); every "
                  "other feature unchanged.",
+        "3.2.0": "'image' stored as one bytes field (Encoding.BYTES) instead of a list of int64: "
+                 "the same pixels, ~4x faster to read back.",
     }
     BUILDER_CONFIGS = [make_config()]
 
@@ -418,8 +420,11 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict({
                 # Raw uint8, not PNG: the noisy backgrounds make PNG only ~1.5x smaller, and
                 # decoding it cost ~1 ms/example on the training host, a third of a 2-core
-                # machine's time at quickstart speed. (User datasets keep encoded images.)
-                "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8),
+                # machine's time at quickstart speed. (User datasets keep encoded images.) As one
+                # bytes field: tfds' default for a Tensor is a protobuf list of int64, which
+                # numpy converted at ~0.9 ms per 64x64 image, the same cost again.
+                "image": tfds.features.Tensor(shape=(s, s, 3), dtype=np.uint8,
+                                              encoding=tfds.features.Encoding.BYTES),
                 "caption": tfds.features.Text(),
                 "kind": tfds.features.ClassLabel(names=ATTRIBUTES["kind"]),
                 "color": tfds.features.ClassLabel(names=ATTRIBUTES["color"]),
