@@ -55,3 +55,16 @@ def test_cli_rejects_unknown_key_at_once(tmp_path):
     assert proc.returncode == 2
     assert "no_such_key" in proc.stderr
     assert not (tmp_path / "w").exists()  # failed before doing anything
+
+
+def test_quickstart_fast_variant_hands_hard_negative_over_to_softmax_at_60_percent():
+    from contrastive_jax import losses
+
+    c = load_config("configs/quickstart.py:fast")
+    assert (c.data.image_size, c.train.batch_size, c.train.total_steps) == (48, 128, 1100)
+    assert c.model.image.scan and c.model.text.remat == "dots_saveable"
+    obj = losses.make_objective(c.loss, train_steps=c.train.total_steps)
+    assert [t[0] for t in obj.terms] == ["hard_negative", "softmax"]
+    assert obj.start_steps == (0, 660) and obj.end_steps == (660, None)
+    with pytest.raises(ValueError, match="known: tiny, fast"):
+        load_config("configs/quickstart.py:nope")
