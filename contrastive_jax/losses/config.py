@@ -96,7 +96,8 @@ def defaults() -> ml_collections.ConfigDict:
 
     # multi: several objectives in one step (CoCa, SigLIP 2): (name, weight, start[, end]) per term,
     # start / end the fractions of training between which the term counts (end defaults to 1; see
-    # losses/multi.py); every term reads its own options from this config.loss. 'captioning' is the decoder's token cross-entropy.
+    # losses/multi.py); every term reads its own options from this config.loss. 'captioning' is
+    # the decoder's token cross-entropy.
     c.multi = ml_collections.ConfigDict()
     c.multi.terms = (("sigmoid", 1.0, 0.0), ("captioning", 1.0, 0.0))
 

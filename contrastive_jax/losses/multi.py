@@ -40,7 +40,8 @@ def parse_terms(value: Any) -> tuple[Term, ...]:
     terms = []
     for i, t in enumerate(tuple(value or ())):
         if isinstance(t, str) or not hasattr(t, "__len__") or len(t) not in (3, 4):
-            raise ValueError(f"{field}[{i}]={t!r} is invalid: each term is (name, weight, start_fraction[, end_fraction])")
+            raise ValueError(f"{field}[{i}]={t!r} is invalid: each term is "
+                             "(name, weight, start_fraction[, end_fraction])")
         name, weight, start, end = (*t, 1.0) if len(t) == 3 else t
         if not isinstance(name, str) or not name:
             raise ValueError(f"{field}[{i}] name {name!r} is invalid: must be an objective name")
@@ -78,8 +79,7 @@ class MultiObjective(StatefulObjective):
     """
 
     def __init__(self, terms: Sequence[Term], objectives: Sequence[Callable], train_steps: int | None):
-        self.terms = tuple((*t, 1.0) if len(t) == 3 else tuple(t) for t in terms)
-        self.objectives = tuple(objectives)
+        self.terms, self.objectives = tuple(terms), tuple(objectives)
         if train_steps is None and any(start > 0 or end < 1 for _, _, start, end in self.terms):
             raise ValueError("config.loss.multi.terms has a term starting after 0 or ending before 1: the run's "
                              "length in steps is needed (make_objective(..., train_steps=...); the trainer passes it)")
