@@ -21,7 +21,9 @@ from contrastive_jax.train.workdir import resume
 from tests.train.test_resilience import _cli, _env, _final_params, _wait_for_stderr_line
 from tests.train.test_train import REPO
 
-RUN = ["--config.train.total_steps=6", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3"]
+# No evaluation: none is compared, and it was a third of each run's cost.
+RUN = ["--config.train.total_steps=6", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3",
+       "--config.eval.evaluators=[]"]
 # In a trainer subprocess: the upload of checkpoint step CJ_FAULT_STEP stops for good after 3 files
 # (as if the job were killed or the network lost mid-upload); a line on stderr says when.
 _HANG_UPLOAD = """

@@ -15,6 +15,7 @@ import pytest
 from contrastive_jax.cli import main
 from contrastive_jax.train import build_training, load_config
 from contrastive_jax.train.plan import fit_config, loss_temporaries, parse_bytes, plan_memory
+from tests.train.test_resilience import _env
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
@@ -116,7 +117,7 @@ def test_cli_json_reports_fit(capsys):
 
 
 def test_gpu_bench_smoke_json_keys():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = _env(1)  # one device, with the suite's cheap-compile flags
     proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "gpu_bench.py"), "--smoke"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
