@@ -46,10 +46,11 @@ def _state(workdir, step):
 def test_sigkilled_stateful_run_resumes_bitwise(tmp_path, name, state_keys):
     config_path = os.path.join(REPO, "configs", f"{name}.py") + ":tiny"
     data_dir = str(tmp_path / "tfds")
-    overrides = [*ARGS, f"data.data_dir={data_dir}", "checkpoint.every_steps=2"]
+    run = [*ARGS, f"data.data_dir={data_dir}"]
+    overrides = [*run, "checkpoint.every_steps=2"]
 
     full = str(tmp_path / "full")
-    train(load_config(config_path, [*overrides[:-1], f"checkpoint.every_steps={STEPS}"]), full)
+    train(load_config(config_path, [*run, f"checkpoint.every_steps={STEPS}"]), full)
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "contrastive_jax.cli", "train", "--config", config_path, "--workdir", str(killed),
