@@ -23,7 +23,9 @@ from contrastive_jax.train.workdir import resume
 from tests.train.test_resilience import _cli, _env, _wait_for_stderr_line
 from tests.train.test_train import REPO
 
-RUN = ["--config.train.total_steps=8", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3"]
+# No evaluation: no test here reads one.
+RUN = ["--config.train.total_steps=8", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3",
+       "--config.eval.evaluators=[]"]
 # Patches orbax's JSON item writer (the `data` item) in a trainer subprocess, for the write of the
 # step named in CJ_FAULT_STEP: 'hang' sleeps (a write still in flight when SIGKILL comes).
 _HANG_WRITE = """
