@@ -57,14 +57,15 @@ def test_cli_rejects_unknown_key_at_once(tmp_path):
     assert not (tmp_path / "w").exists()  # failed before doing anything
 
 
-def test_quickstart_fast_variant_hands_hard_negative_over_to_softmax_at_60_percent():
+def test_quickstart_fast_variant_hands_hard_negative_over_to_softmax_half_way():
     from contrastive_jax import losses
 
     c = load_config("configs/quickstart.py:fast")
-    assert (c.data.image_size, c.train.batch_size, c.train.total_steps) == (48, 128, 1100)
+    assert (c.data.image_size, c.train.batch_size, c.train.total_steps) == (48, 128, 900)
     assert c.model.image.scan and c.model.text.remat == "dots_saveable"
+    assert (c.optim.schedule, c.optim.decay_fraction, c.optim.end_lr_fraction) == ("wsd", 0.2, 0.0)
     obj = losses.make_objective(c.loss, train_steps=c.train.total_steps)
     assert [t[0] for t in obj.terms] == ["hard_negative", "softmax"]
-    assert obj.start_steps == (0, 660) and obj.end_steps == (660, None)
+    assert obj.start_steps == (0, 450) and obj.end_steps == (450, None)
     with pytest.raises(ValueError, match="known: tiny, fast"):
         load_config("configs/quickstart.py:nope")
