@@ -131,10 +131,10 @@ class ExampleProcessor:
             return _text(record[self.entry.key_field])
         return "?"
 
-    def _image(self, data: Any, rng: np.random.Generator) -> np.ndarray:
-        if (not self.transform.train and isinstance(data, np.ndarray) and data.dtype == np.uint8
-                and data.shape == (self.size, self.size, 3)):
-            return data  # already the eval output (e.g. shapes' raw arrays)
+    def _image(self, data: Any, view: int, index: int) -> np.ndarray:
+        if self.transform.passes_through(data):
+            return data  # already the output (e.g. shapes' raw arrays): no PIL round trip, no RNG
+        rng = np.random.default_rng([self.seed, index, 1 + view])
         try:
             img = decode_image(data, draft_size=self.size)
         except BadImageError as e:
@@ -170,8 +170,7 @@ class ExampleProcessor:
                 ids = np.where(content & (rng_text.random(ids.shape) < self.mask_prob),
                                self.tokenizer.mask_id, ids).astype(np.int32)
             out["text"] = ids
-        views = [self._image(image_data, np.random.default_rng([self.seed, index, 1 + v]))
-                 for v in range(self.num_views)]
+        views = [self._image(image_data, v, index) for v in range(self.num_views)]
         out["image"] = views[0]
         if self.num_views >= 2:
             out["image_views"] = np.stack(views)

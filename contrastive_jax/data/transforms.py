@@ -196,6 +196,19 @@ class ImageTransform:
         self.solarize_prob = float(a.solarize_prob)
         self.solarize_threshold = int(a.solarize_threshold)
 
+    def passes_through(self, data: Any) -> bool:
+        """Whether ``data`` (a record's stored image) is already this transform's output: a uint8
+        ``[size, size, 3]`` array and a transform that, at that size, changes nothing (evaluation,
+        or training with ``crop='resize'`` and every random operation at probability 0). Such
+        images skip the PIL round trip, which was a third of the input worker's time per batch on
+        the built-in dataset (docs/benchmarks.md, "Session 13")."""
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.shape == (self.size, self.size, 3)):
+            return False
+        if not self.train:
+            return True
+        return self.crop == "resize" and not any(
+            (self.flip_prob, self.jitter_prob, self.grayscale_prob, self.blur_prob, self.solarize_prob))
+
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
         if not self.train:
             return np.asarray(resize_center_crop(img, self.size), np.uint8)

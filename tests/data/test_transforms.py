@@ -109,3 +109,21 @@ def test_normalize_images_is_one_formula_on_host_and_device():
     # Floats are already in 0..1: no second division by 255.
     np.testing.assert_allclose(normalize_images(pixels / 255.0, mean, std), ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(denormalize_images(host, mean, std), pixels)
+
+
+def test_pass_through_only_where_the_pil_path_is_the_identity():
+    """Stored uint8 arrays at the output size skip PIL only when the PIL path returns them as is."""
+    arr = np.asarray(_img(16, 16))
+    rng = np.random.default_rng
+    for t in (ImageTransform(16), _aug()):
+        assert t.passes_through(arr)
+        np.testing.assert_array_equal(t(decode_image(arr), rng(0)), arr)  # what the skip stands for
+    # Any other size, dtype or layout, or any random operation that could fire: the PIL path.
+    assert not _aug().passes_through(np.asarray(_img(20, 16)))
+    assert not _aug().passes_through(arr.astype(np.float32))
+    assert not _aug().passes_through(arr.tobytes())
+    for changed in (dict(flip_prob=0.5), dict(jitter_prob=0.1), dict(grayscale_prob=0.1), dict(blur_prob=0.1),
+                    dict(solarize_prob=0.1), dict(crop="random_resized_crop")):
+        t = _aug(**changed)
+        assert not t.passes_through(arr), changed
+    assert not np.array_equal(_aug(flip_prob=1.0)(decode_image(arr), rng(0)), arr)
