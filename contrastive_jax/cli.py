@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from contrastive_jax.commands import COMMANDS, EXIT_CONFIG_ERROR
@@ -52,7 +53,48 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands that run XLA on the host's CPU long enough for the allocator to matter.
+_HUGEPAGE_COMMANDS = ("train", "eval", "benchmark")
+HUGEPAGES_ENV = "CONTRASTIVE_JAX_HUGEPAGES"
+
+
+def _hugepage_malloc_env(argv: list[str], environ: dict, *, platform: str = sys.platform,
+                         thp_file: str = "/sys/kernel/mm/transparent_hugepage/enabled") -> dict | None:
+    """The environment to re-run this command with glibc's malloc on transparent huge pages
+    (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, glibc >= 2.35), or None to run as is.
+
+    Why: XLA:CPU allocates each step's buffers afresh; with 4 KiB pages every step faults them in
+    again (~33,000 minor faults and ~0.1 CPU-s per step of the fast quickstart on 2 cores), and
+    huge pages cut that to a few hundred: the step ran ~10% faster (docs/benchmarks.md, "Session
+    13"). Only where it can help: Linux with glibc >= 2.35, transparent huge pages in ``madvise``
+    mode (``always`` needs nothing, ``never`` cannot), a compute command, and neither the tunable
+    already set nor ``CONTRASTIVE_JAX_HUGEPAGES=0``.
+    """
+    if platform != "linux" or environ.get(HUGEPAGES_ENV, "1") == "0":
+        return None
+    if not argv or argv[0] not in _HUGEPAGE_COMMANDS or "glibc.malloc.hugetlb" in environ.get("GLIBC_TUNABLES", ""):
+        return None
+    import platform as platform_lib
+
+    lib, version = platform_lib.libc_ver()
+    try:
+        if lib != "glibc" or tuple(int(x) for x in version.split(".")[:2]) < (2, 35):
+            return None
+        with open(thp_file) as f:
+            if "[madvise]" not in f.read():
+                return None
+    except (OSError, ValueError):
+        return None
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    return {**environ, "GLIBC_TUNABLES": f"{tunables}:glibc.malloc.hugetlb=1" if tunables else "glibc.malloc.hugetlb=1"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        # Only as the program itself (not when a caller passes argv): exec replaces the process.
+        env = _hugepage_malloc_env(sys.argv[1:], dict(os.environ))
+        if env is not None:
+            os.execve(sys.executable, [sys.executable, "-m", "contrastive_jax.cli", *sys.argv[1:]], env)
     argv = list(sys.argv[1:] if argv is None else argv)
     rest, overrides = _split_overrides(argv)
     args = _parser().parse_args(rest)
