@@ -245,21 +245,32 @@ class _ProcessOrReplace(grain.MapDataset):
 class _ReopenedSource:
     """A split's random-access source that worker processes reopen from the config instead of
     unpickling it: unpickling a TFDS builder in a fresh process can clash with the builder
-    configs that process registered on import (seen with the default ``shapes`` setting)."""
+    configs that process registered on import (seen with the default ``shapes`` setting).
 
-    def __init__(self, data_config, split: str, source):
+    ``cache``: keep every record read, as parsed, in this process's memory (``config.data.
+    cache_raw``, as big_vision's ``cache_raw``): from the second epoch on no record is read or
+    parsed again. The records are the same objects each time; nothing downstream writes to them.
+    """
+
+    def __init__(self, data_config, split: str, source, *, cache: bool = False):
         self._config, self._split, self._source, self._len = data_config, split, source, len(source)
+        self._cache = {} if cache else None
 
     def __len__(self) -> int:
         return self._len
 
     def __getitem__(self, index):
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
         if self._source is None:
             self._source = build_dataset(self._config)[self._split]
-        return self._source[index]
+        record = self._source[index]
+        if self._cache is not None:
+            self._cache[index] = record
+        return record
 
     def __getstate__(self):
-        return {**self.__dict__, "_source": None}
+        return {**self.__dict__, "_source": None, "_cache": None if self._cache is None else {}}
 
 
 class _NormalizeImages(grain.transforms.Map):
@@ -410,7 +421,7 @@ def make_train_iterator(
                          f"{data_config.train_split!r} of dataset {data_config.name!r} ({len(source)} "
                          f"examples): use a batch size <= {len(source)} or a bigger dataset")
     processor = ExampleProcessor(entry, tokenizer, data_config, train=True, seed=int(seed))
-    source = _ReopenedSource(data_config, data_config.train_split, source)
+    source = _ReopenedSource(data_config, data_config.train_split, source, cache=bool(data_config.cache_raw))
     ds = grain.MapDataset.source(source).map_with_index(_WithExampleId(len(source))).shuffle(seed=seed).repeat(None)
     ds = _ProcessOrReplace(ds, processor)
     # Blocks of host_batch consecutive stream elements; block k belongs to host k mod P, so
