@@ -35,6 +35,14 @@ def normalize_images(images: Any, mean: Any, std: Any) -> Any:
     xp = jnp if isinstance(images, jax.Array) else np
     x = xp.asarray(images)
     scale = x.dtype == xp.uint8
+    if xp is np:
+        # The same three float32 operations, in place: one batch-sized buffer instead of four
+        # (the quickstart worker's normalization took 15 of its ~90 ms per batch).
+        x = x.astype(np.float32, copy=True)
+        if scale:
+            np.divide(x, np.float32(255.0), out=x)
+        np.subtract(x, np.asarray(mean, np.float32), out=x)
+        return np.divide(x, np.asarray(std, np.float32), out=x)
     x = x.astype(xp.float32)
     if scale:
         x = x / xp.float32(255.0)

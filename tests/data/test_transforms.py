@@ -101,6 +101,14 @@ def test_normalize_images_is_one_formula_on_host_and_device():
     host = normalize_images(pixels, mean, std)
     assert isinstance(host, np.ndarray) and host.dtype == np.float32
     np.testing.assert_allclose(host, ref, rtol=1e-6, atol=1e-6)
+    # The host path works in place on its own copy: the bits of the plain float32 expression,
+    # the input untouched (floats too).
+    plain = (pixels.astype(np.float32) / np.float32(255.0) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    np.testing.assert_array_equal(host.view(np.int32), plain.view(np.int32))
+    floats = pixels / np.float32(255.0)
+    before = floats.copy()
+    assert normalize_images(floats, mean, std) is not floats
+    np.testing.assert_array_equal(floats, before)
     device = jax.jit(lambda x: normalize_images(x, mean, std))(jnp.asarray(pixels))
     assert isinstance(device, jax.Array) and device.dtype == jnp.float32
     # XLA may round the fused expression differently from numpy (one ulp of x/255, amplified
