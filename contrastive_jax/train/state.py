@@ -129,7 +129,8 @@ def init_train_state(model: nn.Module, tx: optax.GradientTransformation, sample_
     lowered = jax.jit(init, out_shardings=shardings).lower(key)
     on_cpu = all(d.platform == "cpu" for s in jax.tree.leaves(shardings) for d in s.device_set)
     # The init runs once, so XLA:CPU's cheaper optimization level: the quickstart's init compiled
-    # in 5.3 s instead of 9.0 s, to the same bits (docs/benchmarks.md, "Session 13").
+    # in 5.3 s instead of 9.0 s and gave the same bits on the machine measured (level 0 did not:
+    # 20 of 155 arrays moved by ~1 ulp; docs/benchmarks.md, "Session 13").
     return lowered.compile(compiler_options=_INIT_CPU_COMPILER_OPTIONS if on_cpu else None)(key)
 
 
