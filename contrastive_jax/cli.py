@@ -89,9 +89,17 @@ def _hugepage_malloc_env(argv: list[str], environ: dict, *, platform: str = sys.
     return {**environ, "GLIBC_TUNABLES": f"{tunables}:glibc.malloc.hugetlb=1" if tunables else "glibc.malloc.hugetlb=1"}
 
 
+def _started_as_program() -> bool:
+    """Whether this process is the ``contrastive-jax`` program (the console script or ``python -m
+    contrastive_jax.cli``), not another program that calls :func:`main` (a wrapper that patches
+    something first would lose its patch to a re-exec)."""
+    first = sys.argv[0] if sys.argv else ""
+    return os.path.basename(first) == "contrastive-jax" or os.path.abspath(first) == os.path.abspath(__file__)
+
+
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:
-        # Only as the program itself (not when a caller passes argv): exec replaces the process.
+    if argv is None and _started_as_program():
+        # exec replaces the process: only the program itself, never a caller's process.
         env = _hugepage_malloc_env(sys.argv[1:], dict(os.environ))
         if env is not None:
             os.execve(sys.executable, [sys.executable, "-m", "contrastive_jax.cli", *sys.argv[1:]], env)

@@ -44,14 +44,14 @@ def test_applies_only_to_compute_commands_in_madvise_mode(tmp_path):
     assert cli._hugepage_malloc_env(["train"], {}, platform="linux", thp_file=str(tmp_path / "absent")) is None
 
 
-def _run_program(tmp_path, argv, **env):
+def _run_program(tmp_path, argv, argv0="contrastive-jax", **env):
     """Runs ``cli.main()`` as the program does (argv from sys.argv) with ``sys.executable`` a script
     that prints what it was exec'd with: the re-run's environment and arguments, observed."""
     wrapper = tmp_path / "python"
     wrapper.write_text('#!/bin/sh\necho "TUNABLES=$GLIBC_TUNABLES ARGS=$*"\n')
     wrapper.chmod(0o755)
     code = (f"import sys; from contrastive_jax import cli; sys.executable = {str(wrapper)!r}; "
-            f"sys.argv = ['contrastive-jax', *{argv!r}]; sys.exit(cli.main())")
+            f"sys.argv = [{argv0!r}, *{argv!r}]; sys.exit(cli.main())")
     base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
                          timeout=120)
@@ -66,6 +66,10 @@ def test_the_program_reruns_itself_with_the_tunable_and_can_be_told_not_to(tmp_p
     assert rc == 0 and out.strip() == "TUNABLES=glibc.malloc.hugetlb=1 ARGS=-m contrastive_jax.cli train -h"
     # Opted out, or called with argv (a library caller's process is never replaced): no re-run.
     rc, out = _run_program(tmp_path, ["train", "-h"], **{cli.HUGEPAGES_ENV: "0"})
+    assert rc == 0 and "TUNABLES=" not in out and "contrastive-jax train" in out
+    # A program that wraps main() (patching something first, as the fault-injection tests do)
+    # keeps its process: sys.argv[0] is not the contrastive-jax program.
+    rc, out = _run_program(tmp_path, ["train", "-h"], argv0="wrapper.py", **{cli.HUGEPAGES_ENV: "1"})
     assert rc == 0 and "TUNABLES=" not in out and "contrastive-jax train" in out
     code = "from contrastive_jax import cli; import sys; sys.exit(cli.main(['train', '-h']))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
