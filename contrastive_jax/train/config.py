@@ -74,7 +74,7 @@ def default_config() -> ConfigDict:
 
     # --- Optimizer -------------------------------------------------------------------------
     c.optim = ConfigDict()
-    c.optim.name = "adamw"  # 'adamw' | 'lamb' | 'lars' | 'adafactor' | 'sgd' (with momentum)
+    c.optim.name = "adamw"  # 'adamw' | 'lamb' | 'lars' | 'adafactor' | 'sgd' (with momentum) | 'muon'
     c.optim.lr = 1e-3  # peak learning rate
     c.optim.weight_decay = 0.1  # decoupled (AdamW-style), times the LR schedule
     c.optim.b1 = 0.9  # adamw/lamb first moment decay
@@ -86,6 +86,14 @@ def default_config() -> ConfigDict:
     c.optim.momentum = 0.9  # sgd / lars
     c.optim.nesterov = False  # sgd / lars
     c.optim.lars_trust_coefficient = 0.001
+    # muon: Newton-Schulz-orthogonalized momentum on the weight matrices (train/optim.py,
+    # muon_dimension_numbers), AdamW with b1/b2/eps above on embeddings, norms and biases. Updates
+    # are scaled to RMS muon_rms (Liu et al. 2025), so AdamW's lr and weight_decay carry over.
+    c.optim.muon_beta = 0.95  # momentum
+    c.optim.muon_nesterov = True
+    c.optim.muon_ns_steps = 5  # Newton-Schulz iterations
+    c.optim.muon_rms = 0.2
+    c.optim.muon_exclude = ()  # regexes of matrix params left to AdamW (e.g. r'.*_proj/kernel')
     c.optim.adafactor_factored = True  # factored second moments (memory ~ rows + cols)
     c.optim.schedule = "warmup_cosine"  # see train/optim.py: warmup_cosine | warmup_linear | rsqrt | constant | wsd
     # Warmup length: set at most one of the three (none set: no warmup).
@@ -363,6 +371,9 @@ _RANGES = (
     ("optim.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("optim.eps", lambda v: v >= 0, ">= 0"),
     ("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.muon_beta", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.muon_ns_steps", lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    ("optim.muon_rms", lambda v: v > 0, "> 0 (the RMS of each matrix update, before the LR; 0.2 ~ AdamW's)"),
     ("optim.end_lr_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("optim.decay_fraction", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("optim.rsqrt_timescale", lambda v: v > 0, "> 0 (steps)"),

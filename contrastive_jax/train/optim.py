@@ -1,7 +1,9 @@
 """Optimizer and learning-rate schedule factory (optax), configured by ``config.optim``.
 
 Optimizers: AdamW, LAMB (You et al. 2019), LARS (You et al. 2017), Adafactor (Shazeer & Stern
-2018) and SGD with momentum. Schedules (LR per update, all with a linear warmup from 0):
+2018), SGD with momentum, and Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers";
+with Liu et al. 2025's update scaling, "Muon is Scalable for LLM Training") on the weight
+matrices with AdamW on everything else (:func:`muon_dimension_numbers`). Schedules (LR per update, all with a linear warmup from 0):
 ``warmup_cosine``, ``warmup_linear``, ``rsqrt``, ``constant`` and ``wsd`` (warmup-stable-decay, the
 "infinite" schedule of continual pre-training: a long flat phase, then a short final decay).
 
@@ -26,12 +28,14 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import optax.contrib
 
 from contrastive_jax.parallel.sharding import path_str
 
 SCHEDULES = ("warmup_cosine", "warmup_linear", "rsqrt", "constant", "wsd")
-OPTIMIZERS = ("adamw", "lamb", "lars", "adafactor", "sgd")
+OPTIMIZERS = ("adamw", "lamb", "lars", "adafactor", "sgd", "muon")
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
@@ -149,6 +153,97 @@ def scale_by_multipliers(rules: Sequence[Sequence[Any]]) -> optax.GradientTransf
     return optax.GradientTransformation(init, update)
 
 
+# Attention's query/key/value kernels are [..., embed, heads, head_dim]: one matrix from the
+# embedding to all heads (every other kernel here is [..., *inputs, output]).
+_HEADS_OUT = re.compile(r"(.*/)?(query|key|value)/kernel")
+
+
+def muon_dimension_numbers(params: Any, exclude: Sequence[str] = ()) -> Any:
+    """Which parameters Muon updates, and as which matrix: a pytree (same structure; masked
+    ``optax.MaskedNode`` subtrees kept) of ``optax.contrib.MuonDimensionNumbers`` for Muon's
+    parameters and ``None`` for AdamW's.
+
+    Muon's: every ``kernel`` leaf with at least two dims whose '/'-joined path no ``exclude``
+    regex fullmatches, i.e. the Dense / DenseGeneral / Conv weights of both towers and the
+    projection heads. Its matrix: the output axis is the last one (Conv ``[kh, kw, c_in, c_out]``
+    flattens to ``[kh*kw*c_in, c_out]``, attention's output ``[heads, head_dim, embed]`` to
+    ``[heads*head_dim, embed]``), except attention's query/key/value kernels ``[embed, heads,
+    head_dim]``, whose output is ``heads*head_dim``. A scanned encoder's leaves (under
+    ``.../blocks/...``) carry a leading ``[depth]`` axis: each layer is its own matrix. AdamW's:
+    embeddings (token, position, class), norms, biases and the loss's scale and bias, which the
+    method's authors leave to AdamW.
+    """
+    excluded = _matcher(exclude)
+
+    def one(path, x):
+        if isinstance(x, optax.MaskedNode):
+            return x
+        name = path_str(path)
+        if not name.endswith("kernel") or getattr(x, "ndim", 0) < 2 or excluded(name):
+            return None
+        axes = list(range(1 if "blocks/" in name else 0, x.ndim))
+        if len(axes) < 2:
+            return None
+        split = 1 if _HEADS_OUT.fullmatch(name) and len(axes) == 3 else len(axes) - 1
+        return optax.contrib.MuonDimensionNumbers(tuple(axes[:split]), tuple(axes[split:]))
+
+    return jax.tree_util.tree_map_with_path(one, params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def _scale_to_adam_rms(dims: Callable[[Any], Any], rms: float) -> optax.GradientTransformation:
+    """Scales each orthogonalized ``[A, B]`` update by ``rms * sqrt(max(A, B))``: its RMS is then
+    ``rms``, about AdamW's, so AdamW's learning rate and weight decay carry over (Liu et al. 2025,
+    "Muon is Scalable for LLM Training", sec. 2.2). Stateless."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+
+        def one(u, d):
+            if d is None or isinstance(u, optax.MaskedNode):
+                return u
+            red = (d.reduction_axis,) if isinstance(d.reduction_axis, int) else d.reduction_axis
+            out = (d.output_axis,) if isinstance(d.output_axis, int) else d.output_axis
+            fan_in = int(np.prod([u.shape[a] for a in red]))
+            fan_out = int(np.prod([u.shape[a] for a in out]))
+            return u * jnp.asarray(rms * max(fan_in, fan_out) ** 0.5, u.dtype)
+
+        is_leaf = lambda x: x is None or isinstance(x, (optax.MaskedNode, optax.contrib.MuonDimensionNumbers))  # noqa: E731
+        return jax.tree.map(one, updates, dims(updates), is_leaf=is_leaf), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def _muon(optim_config: Any, schedule: optax.Schedule, mask: Callable[[Any], Any], mu_dtype: Any):
+    """Muon on :func:`muon_dimension_numbers`' matrices, AdamW (same LR schedule, betas, weight
+    decay and mask) on the rest; the two halves keep separate state (``optax.partition``)."""
+    exclude = tuple(optim_config.get("muon_exclude", ()))
+
+    def dims(tree):
+        return muon_dimension_numbers(tree, exclude)
+
+    def labels(params):
+        return jax.tree.map(lambda d: "adamw" if d is None else "muon", dims(params),
+                            is_leaf=lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers))
+
+    wd = float(optim_config.weight_decay)
+    muon = optax.chain(
+        optax.contrib.scale_by_muon(ns_steps=int(optim_config.get("muon_ns_steps", 5)),
+                                    beta=float(optim_config.get("muon_beta", 0.95)), mu_dtype=mu_dtype,
+                                    nesterov=bool(optim_config.get("muon_nesterov", True)),
+                                    weight_dimension_numbers=dims),
+        _scale_to_adam_rms(dims, float(optim_config.get("muon_rms", 0.2))),
+        optax.add_decayed_weights(wd, mask),
+        optax.scale_by_learning_rate(schedule),
+    )
+    adamw = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                        weight_decay=wd, mask=mask, mu_dtype=mu_dtype)
+    return optax.partition({"muon": muon, "adamw": adamw}, labels)
+
+
 def _base_optimizer(optim_config: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
     name = optim_config.name
     wd = float(optim_config.weight_decay)
@@ -157,10 +252,12 @@ def _base_optimizer(optim_config: Any, schedule: optax.Schedule) -> optax.Gradie
     def mask(p):
         return decay_mask(p, no_decay)
 
+    # helper G (issue 19, mixed precision): optional bf16 first moment, as big_vision's
+    # momentum dtype; the second moment stays float32 (its range needs it).
+    mu_dtype = jnp.bfloat16 if optim_config.get("mu_dtype", "float32") == "bfloat16" else None
+    if name == "muon":
+        return _muon(optim_config, schedule, mask, mu_dtype)
     if name == "adamw":
-        # helper G (issue 19, mixed precision): optional bf16 first moment, as big_vision's
-        # momentum dtype; the second moment stays float32 (its range needs it).
-        mu_dtype = jnp.bfloat16 if optim_config.get("mu_dtype", "float32") == "bfloat16" else None
         return optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
                            weight_decay=wd, mask=mask, mu_dtype=mu_dtype)
     if name == "lamb":

@@ -164,7 +164,7 @@ def _toy_params():
             "head": {"kernel": jnp.full((4, 2), 2.0)}, "log_scale": jnp.asarray(1.0)}
 
 
-@pytest.mark.parametrize("name", ["adamw", "lamb", "lars", "adafactor", "sgd"])
+@pytest.mark.parametrize("name", ["adamw", "lamb", "lars", "adafactor", "sgd", "muon"])
 def test_every_optimizer_descends_a_quadratic(name):
     c = load_config(None, [f"optim.name={name}", "optim.lr=0.05", "optim.schedule=constant", "optim.weight_decay=0.0"])
     tx, _ = make_optimizer(c.optim, 100, warmup_steps=0)
@@ -296,9 +296,11 @@ def test_nonfinite_step_is_not_applied_and_counted():
 # --- Logical-axis sharding in the real step ---------------------------------------------------
 
 
-def test_train_step_under_logical_fsdp_tensor_rules_matches_one_device():
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_train_step_under_logical_fsdp_tensor_rules_matches_one_device(optim):
+    # Muon's Newton-Schulz matmuls run on matrices split over fsdp and model as well.
     config = _config("loss.impl=chunked", "sharding.logical_rules=fsdp_tensor",
-                     "model.image.num_heads=2", "model.text.num_heads=2")
+                     "model.image.num_heads=2", "model.text.num_heads=2", f"optim.name={optim}")
     batch = _random_batch(16, 32, 8, seed=5)
     results = {}
     for spec in ([("data", 1)], [("data", 2), ("fsdp", 2), ("model", 2)]):
