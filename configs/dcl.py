@@ -13,6 +13,6 @@ QUICKSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstar
 
 
 def get_config(arg=None):
-    c = config_file(QUICKSTART, arg)
+    c = config_file(QUICKSTART, arg or "classic")  # the 64 px AdamW quickstart its results were measured on
     c.loss = dict(name="dcl", impl="chunked", block_size=128)
     return c

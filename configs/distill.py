@@ -1,12 +1,12 @@
 """Similarity distillation (TinyCLIP affinity mimicking, Wu et al. 2023) from a frozen teacher.
 
-The teacher is a finished quickstart run; the student is a half-width, shallower two-tower model
-trained on the KL between the teacher's and its own image->text / text->image distributions over
+The teacher is a finished run of the classic (64 px, unscanned) quickstart; the student is a
+half-width, shallower two-tower model trained on the KL between the teacher's and its own image->text / text->image distributions over
 the batch, plus a small CLIP term:
 
-    contrastive-jax train --config configs/quickstart.py --workdir runs/quickstart     # the teacher
+    contrastive-jax train --config configs/quickstart.py:classic --workdir runs/teacher   # the teacher
     contrastive-jax train --config configs/distill.py --workdir runs/distill \\
-        --config.checkpoint.init_from=runs/quickstart
+        --config.checkpoint.init_from=runs/teacher
 
 The teacher's parameters are loaded under 'teacher/' (checkpoint.init_into) and frozen
 (optim.freeze): no optimizer state and no backward pass through them.
@@ -20,7 +20,7 @@ QUICKSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstar
 
 
 def get_config(arg=None):
-    c = config_file(QUICKSTART, arg)
+    c = config_file(QUICKSTART, arg or "classic")
     teacher = copy.deepcopy(dict(c.model))  # the architecture the teacher run was trained with
     student = copy.deepcopy(dict(c.model))
     student["image"] = dict(student["image"], width=student["image"]["width"] // 2,

@@ -18,7 +18,7 @@ QUICKSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstar
 
 
 def get_config(arg=None):
-    c = config_file(QUICKSTART, arg)
+    c = config_file(QUICKSTART, arg or "classic")  # the 64 px AdamW quickstart its results were measured on
     c.model.return_tokens = True
     c.loss = dict(name="filip", impl="chunked", filip=dict(block_size=32, token_fraction=0.5))
     return c

@@ -11,7 +11,7 @@ QUICKSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstar
 
 
 def get_config(arg=None):
-    c = config_file(QUICKSTART, arg)
+    c = config_file(QUICKSTART, arg or "classic")  # the 64 px AdamW quickstart its results were measured on
     c.loss = dict(name="matryoshka", impl="chunked", block_size=128, matryoshka=dict(base="softmax"))
     dim = c.model.embed_dim
     c.model.matryoshka_dims = (dim // 8, dim // 4, dim // 2, dim)

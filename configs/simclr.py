@@ -14,7 +14,7 @@ QUICKSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstar
 
 
 def get_config(arg=None):
-    c = config_file(QUICKSTART, arg)
+    c = config_file(QUICKSTART, arg or "classic")  # the 64 px AdamW quickstart its results were measured on
     c.model.name = "multiview"
     c.model.head_hidden = c.model.embed_dim * 2
     c.data.num_views = 2

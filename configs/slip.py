@@ -10,7 +10,7 @@ QUICKSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstar
 
 
 def get_config(arg=None):
-    c = config_file(QUICKSTART, arg)
+    c = config_file(QUICKSTART, arg or "classic")  # the 64 px AdamW quickstart its results were measured on
     c.model.name = "slip"
     c.data.num_views = 2
     c.loss = dict(name="slip", impl="chunked", block_size=128,

@@ -17,7 +17,7 @@ QUICKSTART = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstar
 
 
 def get_config(arg=None):
-    c = config_file(QUICKSTART, arg)
+    c = config_file(QUICKSTART, arg or "classic")  # the 64 px AdamW quickstart its results were measured on
     qs = c.model
     size, length = c.data.image_size, 16  # config.data.max_text_len's default
     image = dict(encoder="vit", input_shape=(size, size, 3), input_dtype="uint8",

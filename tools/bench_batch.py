@@ -51,7 +51,7 @@ def _setup(mode: str, microbatch: int):
         overrides += ["loss.impl=chunked", f"train.microbatch_size={microbatch}", "data.normalize_on_device=True"]
     if mode != "baseline":
         overrides.append(f"train.batch_size={microbatch}")  # validation: the micro-batch divides the batch
-    config = load_config(os.path.join(REPO, "configs", "quickstart.py"), overrides)
+    config = load_config(os.path.join(REPO, "configs", "quickstart.py:classic"), overrides)
     return build_training(config, make_mesh([("data", 1)]))
 
 

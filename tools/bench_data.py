@@ -3,7 +3,7 @@
     python tools/bench_data.py                       # quickstart data (shapes, batch 256)
     python tools/bench_data.py --dataset jpeg --recipe simclr --views 2
 
-``shapes``: the quickstart's own dataset and config (raw 64x64 arrays, no augmentation).
+``shapes``: the dataset and data config of ``configs/quickstart.py:classic`` (raw 64x64 arrays, no augmentation).
 ``jpeg``: a generated folder of JPEG photos (--photo-size px) converted with
 ``contrastive-jax data convert``, decoded with PIL and resized/augmented to --image-size.
 Each worker count is timed in the same process run, one after another, after a warm-up of
@@ -284,7 +284,7 @@ def bench_generation(rounds: int) -> dict:
     from contrastive_jax.train.config import load_config
 
     here = os.path.dirname(os.path.abspath(__file__))
-    cfg = load_config(os.path.join(here, "..", "configs", "quickstart.py")).data
+    cfg = load_config(os.path.join(here, "..", "configs", "quickstart.py:classic")).data
     default_min = shapes.PARALLEL_MIN_EXAMPLES
     times: dict[str, list[float]] = {"serial": [], "workers": []}
     for _ in range(rounds):
@@ -338,7 +338,7 @@ def main() -> None:
     from contrastive_jax.train.config import load_config
 
     here = os.path.dirname(os.path.abspath(__file__))
-    config = load_config(os.path.join(here, "..", "configs", "quickstart.py"))
+    config = load_config(os.path.join(here, "..", "configs", "quickstart.py:classic"))
     cfg = config.data
     tmp = server = None
     workers_list = [int(w) for w in args.workers.split(",")]

@@ -59,8 +59,8 @@ def main(argv=None):
 
     specs = {
         "isogclr_b64": (os.path.join(REPO, "configs", "isogclr.py"), args.small_batch),
-        "softmax_b64": (os.path.join(REPO, "configs", "quickstart.py"), args.small_batch),
-        "softmax_b512": (os.path.join(REPO, "configs", "quickstart.py"), args.large_batch),
+        "softmax_b64": (os.path.join(REPO, "configs", "quickstart.py:classic"), args.small_batch),
+        "softmax_b512": (os.path.join(REPO, "configs", "quickstart.py:classic"), args.large_batch),
     }
     results = {}
     for name in args.runs.split(","):

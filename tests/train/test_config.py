@@ -57,15 +57,15 @@ def test_cli_rejects_unknown_key_at_once(tmp_path):
     assert not (tmp_path / "w").exists()  # failed before doing anything
 
 
-def test_quickstart_fast_variant_hands_hard_negative_over_to_softmax_half_way():
-    from contrastive_jax import losses
-
-    c = load_config("configs/quickstart.py:fast")
-    assert (c.data.image_size, c.train.batch_size, c.train.total_steps) == (48, 128, 900)
+def test_quickstart_is_the_five_minute_muon_recipe_and_tiny_keeps_the_plain_path():
+    c = load_config("configs/quickstart.py")
+    assert (c.data.image_size, c.train.batch_size, c.train.total_steps, c.eval.every_steps) == (48, 128, 600, 600)
     assert c.model.image.scan and c.model.text.remat == "dots_saveable"
+    assert (c.optim.name, c.optim.no_decay, c.loss.name) == ("muon", (), "softmax")
     assert (c.optim.schedule, c.optim.decay_fraction, c.optim.end_lr_fraction) == ("wsd", 0.2, 0.0)
-    obj = losses.make_objective(c.loss, train_steps=c.train.total_steps)
-    assert [t[0] for t in obj.terms] == ["hard_negative", "softmax"]
-    assert obj.start_steps == (0, 450) and obj.end_steps == (450, None)
-    with pytest.raises(ValueError, match="known: tiny, fast"):
+    assert load_config("configs/quickstart.py:adamw").optim.name == "adamw"
+    tiny = load_config("configs/quickstart.py:tiny")
+    assert (tiny.optim.name, tiny.optim.schedule, tiny.model.image.scan, tiny.data.cache_raw) == \
+        ("adamw", "warmup_cosine", False, False)
+    with pytest.raises(ValueError, match="known: tiny, adamw"):
         load_config("configs/quickstart.py:nope")

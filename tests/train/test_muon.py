@@ -88,7 +88,7 @@ def _dims_by_path(params, exclude=()):
 
 
 def test_dimension_numbers_of_the_quickstart_model():
-    config = load_config("configs/quickstart.py:fast", ["model.text.vocab_size=64"])
+    config = load_config("configs/quickstart.py", ["model.text.vocab_size=64"])
     params = build_training(config, jit=False).abstract_state.params
     dims = _dims_by_path(params)
     image = "image/encoder/blocks/block/"
@@ -103,7 +103,7 @@ def test_dimension_numbers_of_the_quickstart_model():
     assert "text/token_embedding" in adamw and "text/pos_embedding" in adamw and "log_scale" in adamw
     assert all(not k.endswith("kernel") for k in adamw), adamw
     # Unscanned towers: block_i kernels have no layer axis.
-    flat = load_config("configs/quickstart.py", ["model.text.vocab_size=64"])
+    flat = load_config("configs/quickstart.py", ["model.text.vocab_size=64", "model.image.scan=False"])
     dims = _dims_by_path(build_training(flat, jit=False).abstract_state.params, exclude=(r".*_proj/kernel",))
     assert dims["image/encoder/block_0/attn/key/kernel"] == ((0,), (1, 2))
     assert dims["image_proj/kernel"] is None
