@@ -3,7 +3,9 @@
 Optimizers: AdamW, LAMB (You et al. 2019), LARS (You et al. 2017), Adafactor (Shazeer & Stern
 2018), SGD with momentum, and Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers";
 with Liu et al. 2025's update scaling, "Muon is Scalable for LLM Training") on the weight
-matrices with AdamW on everything else (:func:`muon_dimension_numbers`). Schedules (LR per update, all with a linear warmup from 0):
+matrices with AdamW on everything else (:func:`muon_dimension_numbers`).
+
+Schedules (LR per update, all with a linear warmup from 0):
 ``warmup_cosine``, ``warmup_linear``, ``rsqrt``, ``constant`` and ``wsd`` (warmup-stable-decay, the
 "infinite" schedule of continual pre-training: a long flat phase, then a short final decay).
 
