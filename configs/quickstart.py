@@ -51,7 +51,6 @@ def get_config(arg=None):
         c.model.update(embed_dim=32)
         c.model.image.update(patch_size=8, width=32, depth=1, num_heads=2, mlp_dim=64, scan=False, remat="none")
         c.model.text.update(width=32, depth=1, num_heads=2, mlp_dim=64, scan=False, remat="none")
-        c.loss = dict(name="softmax", impl="chunked", block_size=128)
         # 50 warmup steps would outlast the 20-step run.
         c.optim = dict(lr=2e-3, warmup_steps=5, weight_decay=0.1)
         c.train.update(batch_size=32, total_steps=20, log_every_steps=5)
