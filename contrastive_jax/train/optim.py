@@ -160,6 +160,11 @@ def scale_by_multipliers(rules: Sequence[Sequence[Any]]) -> optax.GradientTransf
 _HEADS_OUT = re.compile(r"(.*/)?(query|key|value)/kernel")
 
 
+def _is_dims_leaf(x) -> bool:
+    """Leaves of a :func:`muon_dimension_numbers` tree."""
+    return x is None or isinstance(x, (optax.MaskedNode, optax.contrib.MuonDimensionNumbers))
+
+
 def muon_dimension_numbers(params: Any, exclude: Sequence[str] = ()) -> Any:
     """Which parameters Muon updates, and as which matrix: a pytree (same structure; masked
     ``optax.MaskedNode`` subtrees kept) of ``optax.contrib.MuonDimensionNumbers`` for Muon's
@@ -205,31 +210,30 @@ def _scale_to_adam_rms(dims: Callable[[Any], Any], rms: float) -> optax.Gradient
         del params
 
         def one(u, d):
-            if d is None or isinstance(u, optax.MaskedNode):
+            if isinstance(u, optax.MaskedNode):  # AdamW's parameter, in the other partition
                 return u
-            red = (d.reduction_axis,) if isinstance(d.reduction_axis, int) else d.reduction_axis
-            out = (d.output_axis,) if isinstance(d.output_axis, int) else d.output_axis
-            fan_in = int(np.prod([u.shape[a] for a in red]))
-            fan_out = int(np.prod([u.shape[a] for a in out]))
+            # muon_dimension_numbers writes both axis groups as tuples.
+            fan_in = int(np.prod([u.shape[a] for a in d.reduction_axis]))
+            fan_out = int(np.prod([u.shape[a] for a in d.output_axis]))
             return u * jnp.asarray(rms * max(fan_in, fan_out) ** 0.5, u.dtype)
 
-        is_leaf = lambda x: x is None or isinstance(x, (optax.MaskedNode, optax.contrib.MuonDimensionNumbers))  # noqa: E731
-        return jax.tree.map(one, updates, dims(updates), is_leaf=is_leaf), state
+        return jax.tree.map(one, updates, dims(updates), is_leaf=_is_dims_leaf), state
 
     return optax.GradientTransformation(init, update)
 
 
-def _muon(optim_config: Any, schedule: optax.Schedule, mask: Callable[[Any], Any], mu_dtype: Any):
-    """Muon on :func:`muon_dimension_numbers`' matrices, AdamW (same LR schedule, betas, weight
-    decay and mask) on the rest; the two halves keep separate state (``optax.partition``)."""
+def _muon(optim_config: Any, schedule: optax.Schedule, mask: Callable[[Any], Any], mu_dtype: Any,
+          adamw: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Muon on :func:`muon_dimension_numbers`' matrices, ``adamw`` (the run's AdamW: same LR
+    schedule, betas, weight decay and mask) on the rest; the two halves keep separate state
+    (``optax.partition``)."""
     exclude = tuple(optim_config.get("muon_exclude", ()))
 
     def dims(tree):
         return muon_dimension_numbers(tree, exclude)
 
     def labels(params):
-        return jax.tree.map(lambda d: "adamw" if d is None else "muon", dims(params),
-                            is_leaf=lambda x: x is None or isinstance(x, optax.contrib.MuonDimensionNumbers))
+        return jax.tree.map(lambda d: "adamw" if d is None else "muon", dims(params), is_leaf=_is_dims_leaf)
 
     wd = float(optim_config.weight_decay)
     muon = optax.chain(
@@ -241,8 +245,6 @@ def _muon(optim_config: Any, schedule: optax.Schedule, mask: Callable[[Any], Any
         optax.add_decayed_weights(wd, mask),
         optax.scale_by_learning_rate(schedule),
     )
-    adamw = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                        weight_decay=wd, mask=mask, mu_dtype=mu_dtype)
     return optax.partition({"muon": muon, "adamw": adamw}, labels)
 
 
@@ -257,11 +259,10 @@ def _base_optimizer(optim_config: Any, schedule: optax.Schedule) -> optax.Gradie
     # helper G (issue 19, mixed precision): optional bf16 first moment, as big_vision's
     # momentum dtype; the second moment stays float32 (its range needs it).
     mu_dtype = jnp.bfloat16 if optim_config.get("mu_dtype", "float32") == "bfloat16" else None
-    if name == "muon":
-        return _muon(optim_config, schedule, mask, mu_dtype)
-    if name == "adamw":
-        return optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                           weight_decay=wd, mask=mask, mu_dtype=mu_dtype)
+    if name in ("adamw", "muon"):
+        adamw = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+                            weight_decay=wd, mask=mask, mu_dtype=mu_dtype)
+        return adamw if name == "adamw" else _muon(optim_config, schedule, mask, mu_dtype, adamw)
     if name == "lamb":
         return optax.lamb(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
                           weight_decay=wd, mask=mask)
