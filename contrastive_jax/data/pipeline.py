@@ -296,8 +296,9 @@ class TrainIterator:
     :class:`DataQualityError` when more than ``max_bad_fraction`` of the records seen were bad.
     """
 
-    def __init__(self, inner, *, dataset: str, max_bad_fraction: float, split_size: int):
+    def __init__(self, inner, *, dataset: str, max_bad_fraction: float, split_size: int, first=None):
         self._inner = inner
+        self._first = first
         self._dataset = dataset
         self._max_bad = float(max_bad_fraction)
         self._min_seen = min(_MIN_RECORDS_FOR_FRACTION, int(split_size))
@@ -328,6 +329,19 @@ class TrainIterator:
 
     def _nonzero(self) -> dict:
         return {k: v for k, v in self._skipped.items() if v}
+
+    def peek_shapes(self) -> dict | None:
+        """``{key: (shape, dtype)}`` of this host's batches, from the stream's first batch read
+        by random access: the iterator's position, counters and worker are untouched. None when
+        unknown (a stream without random access, or a first batch that fails to load: the
+        iterator itself reports that). Used to compile the train step while the run is set up."""
+        if self._first is None:
+            return None
+        try:
+            batch = self._first()
+        except Exception:  # noqa: BLE001 — next() raises it with its context
+            return None
+        return {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in batch.items() if not k.startswith("_skip_")}
 
     def stats(self) -> dict[str, float]:
         """``data/records_read``, ``data/skipped``, ``data/skipped_fraction`` and
@@ -441,7 +455,8 @@ def make_train_iterator(
             grain.MultiprocessingOptions(num_workers=int(data_config.worker_count))
         )
     return TrainIterator(iter(it_ds), dataset=str(data_config.name),
-                         max_bad_fraction=float(data_config.max_bad_fraction), split_size=len(source))
+                         max_bad_fraction=float(data_config.max_bad_fraction), split_size=len(source),
+                         first=lambda: ds[0])
 
 
 def load_eval_arrays(

@@ -153,6 +153,21 @@ def test_worker_processes_give_the_same_stream(shapes_cfg, shapes_tok):
             np.testing.assert_array_equal(g[key], w[key])
 
 
+@pytest.mark.parametrize("p, n", [(0, 1), (1, 2)])
+def test_peek_shapes_are_the_first_batch_and_leave_the_stream_alone(shapes_cfg, shapes_tok, p, n):
+    """What the loop compiles the train step from before the first batch exists."""
+    want = _take(_iterator(shapes_cfg, shapes_tok, 16, p=p, n=n), 2)
+    it = _iterator(shapes_cfg, shapes_tok, 16, p=p, n=n)
+    shapes = it.peek_shapes()
+    assert shapes == {k: (v.shape, v.dtype) for k, v in want[0].items()}
+    assert shapes["image"][0][0] == 16 // n  # this host's rows
+    state = it.get_state()
+    assert state["counters"]["records_read"] == 0  # peeking is not reading
+    for w, g in zip(want, _take(it, 2)):
+        for key in w:
+            np.testing.assert_array_equal(g[key], w[key])
+
+
 def test_cache_raw_gives_the_same_stream_and_reads_each_record_once(shapes_cfg, shapes_tok, monkeypatch):
     from contrastive_jax.data import pipeline
 

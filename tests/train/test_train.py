@@ -109,3 +109,33 @@ def test_short_run_lowers_loss_and_writes_summary(tmp_path):
     with open(os.path.join(workdir, "summary.json")) as fh:
         assert json.load(fh)["eval"] == summary["eval"]
     assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_step_compiled_during_setup_is_used_and_trains_bitwise_as_compiled_at_the_first_step(tmp_path, monkeypatch):
+    """The loop compiles the step on a thread while it sets up (loop._StepCompiler): that very
+    executable runs the first step, and the run equals one whose step is compiled at the first step."""
+    from contrastive_jax.train import loop
+    from tests.train.test_resilience import _final_params
+
+    args = ["train.total_steps=3", "train.log_every_steps=1", "eval.every_steps=0", "eval.evaluators=[]",
+            "checkpoint.every_steps=3", "log.tensorboard=false"]
+    used = []
+    real_get = loop._StepCompiler.get
+
+    def get(self, state, batch):
+        compiled = real_get(self, state, batch)
+        used.append(compiled is self._compiled and compiled is not None)
+        return compiled
+
+    monkeypatch.setattr(loop._StepCompiler, "get", get)
+    ahead = str(tmp_path / "ahead")
+    train(_tiny(ahead, *args), ahead)
+    assert used == [True]
+    monkeypatch.setattr(loop, "_StepCompiler", lambda training, train_iter: None)
+    first = str(tmp_path / "first")
+    train(_tiny(first, *args), first)
+    assert used == [True]
+    for x, y in zip(jax.tree.leaves(_final_params(ahead)), jax.tree.leaves(_final_params(first)), strict=True):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+    assert [m["train/loss"] for m in _read_metrics(ahead) if "train/loss" in m] == \
+        [m["train/loss"] for m in _read_metrics(first) if "train/loss" in m]
