@@ -82,3 +82,20 @@ def moto_s3():
         yield mp
         fsspec.filesystem("s3").clear_instance_cache()
     server.stop()
+
+
+# The longest files first. pytest-xdist hands tests out in collection order, and these
+# end-to-end files (trainers killed and resumed, two-process runs, the notebook: 40-140 s per
+# test, most of them in tests/train/, collected last) would otherwise start near the end and
+# leave one worker running alone while the other idles.
+_LONG_FIRST = ("train/test_stateful_resume.py", "examples/test_notebook.py", "train/test_resilience.py",
+               "train/test_preemption.py", "train/test_object_storage.py", "models/test_coca.py",
+               "train/test_checkpoint_faults.py", "models/test_coca_distill.py", "data/test_streaming.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid.split("::", 1)[0]
+        return next((i for i, name in enumerate(_LONG_FIRST) if path.endswith(name)), len(_LONG_FIRST))
+
+    items.sort(key=rank)  # stable: the order within a file and among the rest is unchanged
