@@ -296,9 +296,9 @@ class TrainIterator:
     :class:`DataQualityError` when more than ``max_bad_fraction`` of the records seen were bad.
     """
 
-    def __init__(self, inner, *, dataset: str, max_bad_fraction: float, split_size: int, first=None):
+    def __init__(self, inner, *, dataset: str, max_bad_fraction: float, split_size: int, shapes=None):
         self._inner = inner
-        self._first = first
+        self._shapes = shapes
         self._dataset = dataset
         self._max_bad = float(max_bad_fraction)
         self._min_seen = min(_MIN_RECORDS_FOR_FRACTION, int(split_size))
@@ -331,17 +331,18 @@ class TrainIterator:
         return {k: v for k, v in self._skipped.items() if v}
 
     def peek_shapes(self) -> dict | None:
-        """``{key: (shape, dtype)}`` of this host's batches, from the stream's first batch read
-        by random access: the iterator's position, counters and worker are untouched. None when
-        unknown (a stream without random access, or a first batch that fails to load: the
-        iterator itself reports that). Used to compile the train step while the run is set up."""
-        if self._first is None:
+        """``{key: (shape, dtype)}`` of this host's batches, from one example put through the
+        pipeline's batching and normalization by random access: the iterator's position,
+        counters and worker are untouched. None when unknown (a stream without random access,
+        or an example that fails to load: the iterator itself reports that). The loop compiles
+        the train step from it while the run is set up."""
+        if self._shapes is None:
             return None
         try:
-            batch = self._first()
+            shapes = self._shapes()
         except Exception:  # noqa: BLE001 — next() raises it with its context
             return None
-        return {k: (tuple(np.shape(v)), np.asarray(v).dtype) for k, v in batch.items() if not k.startswith("_skip_")}
+        return {k: v for k, v in shapes.items() if not k.startswith("_skip_")}
 
     def stats(self) -> dict[str, float]:
         """``data/records_read``, ``data/skipped``, ``data/skipped_fraction`` and
@@ -437,14 +438,22 @@ def make_train_iterator(
     processor = ExampleProcessor(entry, tokenizer, data_config, train=True, seed=int(seed))
     source = _ReopenedSource(data_config, data_config.train_split, source, cache=bool(data_config.cache_raw))
     ds = grain.MapDataset.source(source).map_with_index(_WithExampleId(len(source))).shuffle(seed=seed).repeat(None)
-    ds = _ProcessOrReplace(ds, processor)
+    ds = examples = _ProcessOrReplace(ds, processor)
+
+    def normalized(d):
+        return d if data_config.get("normalize_on_device", False) else d.map(
+            _NormalizeImages(data_config.mean, data_config.std))
+
+    def shapes() -> dict:
+        # One example through the same batching and normalization: the batches' fields, shapes
+        # and dtypes without reading or decoding a whole batch.
+        one = normalized(examples[0:1].batch(1))[0]
+        return {k: ((host_batch, *np.shape(v)[1:]), np.asarray(v).dtype) for k, v in one.items()}
+
     # Blocks of host_batch consecutive stream elements; block k belongs to host k mod P, so
     # host p's i-th batch is rows [p*b, (p+1)*b) of global batch i. MapDataset batching is lazy:
     # this host never reads other hosts' blocks.
-    ds = ds.batch(host_batch, drop_remainder=True)
-    ds = ds[process_index::process_count]
-    if not data_config.get("normalize_on_device", False):
-        ds = ds.map(_NormalizeImages(data_config.mean, data_config.std))
+    ds = normalized(ds.batch(host_batch, drop_remainder=True)[process_index::process_count])
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=int(data_config.read_threads),
                           prefetch_buffer_size=int(data_config.prefetch_batches))
@@ -456,7 +465,7 @@ def make_train_iterator(
         )
     return TrainIterator(iter(it_ds), dataset=str(data_config.name),
                          max_bad_fraction=float(data_config.max_bad_fraction), split_size=len(source),
-                         first=lambda: ds[0])
+                         shapes=shapes)
 
 
 def load_eval_arrays(

@@ -371,8 +371,8 @@ class _StepCompiler:
     """Compiles the train step ahead of time on a thread while the run is still being set up
     (the state's init, the checkpoint check, the data worker's start and first batch): XLA
     compiles with the GIL released, so on the 2-core quickstart ~10 s of the ~40 s before the
-    first step overlap. The batch's shapes come from the iterator's first batch read by random
-    access (:meth:`TrainIterator.peek_shapes`), the state's from the training's abstract state: the
+    first step overlap. The batch's shapes come from one example put through the pipeline by
+    random access (:meth:`TrainIterator.peek_shapes`), the state's from the abstract state: the
     same lowering as at the first step, so the same executable. Where either is unknown or the
     first real batch or state differs, the step is compiled at the first step as before."""
 
