@@ -135,7 +135,8 @@ def test_sigkilled_twice_and_resumed_is_bitwise_identical(tmp_path):
 
 class _Injecting:
     """Wraps the training iterator: calls ``hook(batch, n)`` on the n-th batch (1-based) it yields
-    after its last ``set_state``; the loop peeks one batch and rewinds before step 1."""
+    after its last ``set_state``. It has no ``peek_shapes``, so these runs also take the loop's
+    fallback of compiling the step at the first step (loop._StepCompiler)."""
 
     def __init__(self, inner, hook):
         self.inner, self.hook, self.n = inner, hook, 0
