@@ -231,7 +231,7 @@ class _Run:
     writer: MetricWriter
     resumed_from: int | None
     t_start: float
-    compiler: _StepCompiler | None = None
+    compiler: _StepCompiler
 
 
 def _start(config: Any, workdir: str, mesh, t_start: float) -> _Run:
@@ -451,8 +451,7 @@ def _run_steps(run: _Run, stop: StopRequest, stop_at: int) -> tuple[int, str | N
             if compiled is None:
                 # Compiled ahead of time once (on a thread since the setup: _StepCompiler), also
                 # to read the step's FLOPs for MFU.
-                compiled = (run.compiler.get(run.state, batch) if run.compiler
-                            else training.step.lower(run.state, batch).compile())
+                compiled = run.compiler.get(run.state, batch)
                 rate = _Throughput(run, compiled)
             if profile and step + 1 == profile[0]:
                 jax.profiler.start_trace(os.path.join(run.workdir, "profile"))
