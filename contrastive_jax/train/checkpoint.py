@@ -48,9 +48,9 @@ COMMIT_MARKER = "_COMMITTED"  # written last into a remote step dir: the upload 
 _TMP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 # Orbax's replica-parallel save splits every replicated array among the devices holding a copy,
 # each writing one slice; every distinct slice is a small jitted program, compiled at a process's
-# first save (128 of them for the tiny model's state on 8 devices: ~2.5 s of a 12 s run). Below this size per
-# slice a whole-array write by one replica is cheaper, so small arrays (biases, norms, the
-# temperature, the step) are written whole; large replicated arrays are still split.
+# first save (128 of them for the tiny model's state on 8 devices: ~2.5 s of a 12 s run). Below
+# this size per slice a whole-array write by one replica is cheaper, so small arrays (biases,
+# norms, the temperature, the step) are written whole; large replicated arrays are still split.
 MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 1 << 20
 
 
