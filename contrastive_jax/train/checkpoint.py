@@ -395,11 +395,9 @@ class Checkpointer:
         target = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
         )
+        state = ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target))
         restored = self.manager.restore(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target)),
-                                    data=ocp.args.JsonRestore()),
-        )
+            int(step), args=ocp.args.Composite(state=state, data=ocp.args.JsonRestore()))
         return restored["state"], restored["data"]
 
     def _quarantine(self, step: int) -> None:
