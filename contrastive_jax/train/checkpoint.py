@@ -101,9 +101,16 @@ class _OrbaxNoiseFilter(logging.Filter):
 def _orbax_task_never_retrieved(record: logging.LogRecord, message: str) -> bool:
     """asyncio's "Task exception was never retrieved" (logged when the garbage collector meets an
     abandoned task, so only sometimes) for orbax's read/write coroutines of a checkpoint that
-    failed: the failure itself is reported once by the caller."""
+    failed: the failure itself is reported once by the caller.
+
+    Two shapes: a coroutine of orbax's (its frames are in the traceback), and a tensorstore future
+    orbax wrapped in a task (``asyncio.ensure_future``): its traceback holds only asyncio's
+    ``_wrap_awaitable`` frame, and the error is tensorstore's, which names its ``tensorstore_spec``.
+    Only orbax reaches tensorstore in a training process."""
     if "exception was never retrieved" not in message or not record.exc_info:
         return False
+    if "[tensorstore_spec=" in str(record.exc_info[1]):
+        return True
     tb = record.exc_info[2]
     while tb is not None:
         if "orbax" in tb.tb_frame.f_code.co_filename:

@@ -218,11 +218,24 @@ def test_abandoned_orbax_task_errors_print_nothing_but_others_still_do():
     """asyncio logs "Task exception was never retrieved" (with a traceback) when the garbage
     collector meets a failed task nobody awaited — what orbax leaves after a failed checkpoint
     read, at a moment that depends on GC timing. The filter drops those whose traceback runs
-    through orbax, and nothing else: a user's own abandoned task still prints."""
+    through orbax, and those of a tensorstore read orbax wrapped in a task (a real tensorstore
+    open of a corrupt zarr array: the traceback then holds only asyncio's frame, the shape that
+    reached a CI run's stderr once), and nothing else: a user's own abandoned task still prints."""
     code = r'''
-import asyncio, gc, sys
+import asyncio, gc, os, sys, tempfile
+import tensorstore as ts
 from contrastive_jax.train.checkpoint import quiet_background_failures
 quiet_background_failures()
+array = tempfile.mkdtemp()
+with open(os.path.join(array, ".zarray"), "w") as fh:
+    fh.write("cut in half by a crash")
+async def abandon_tensorstore_read():
+    task = asyncio.ensure_future(ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": array}}))
+    await asyncio.wait([task])
+    assert "tensorstore_spec" in str(task._exception)  # failed, and nobody retrieved it
+    del task
+    gc.collect()
+asyncio.run(abandon_tensorstore_read())
 src = "async def read():\n    raise ValueError('OUT_OF_RANGE: byte range not valid')\n"
 for where in ("/site-packages/orbax/checkpoint/_src/serialization/fake.py", "/home/user/mine.py"):
     ns = {}
