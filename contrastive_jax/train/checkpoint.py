@@ -23,6 +23,7 @@ costs the steps since the one before it, not the run.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -98,25 +99,34 @@ class _OrbaxNoiseFilter(logging.Filter):
         return True
 
 
+# The codes of an absl::Status, which tensorstore's errors begin with ("OUT_OF_RANGE: Error reading ...").
+_STATUS_PREFIX = re.compile(r"^(CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|ALREADY_EXISTS|"
+                            r"PERMISSION_DENIED|RESOURCE_EXHAUSTED|FAILED_PRECONDITION|ABORTED|OUT_OF_RANGE|"
+                            r"UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS|UNAUTHENTICATED): ")
+
+
 def _orbax_task_never_retrieved(record: logging.LogRecord, message: str) -> bool:
     """asyncio's "Task exception was never retrieved" (logged when the garbage collector meets an
     abandoned task, so only sometimes) for orbax's read/write coroutines of a checkpoint that
     failed: the failure itself is reported once by the caller.
 
     Two shapes: a coroutine of orbax's (its frames are in the traceback), and a tensorstore future
-    orbax wrapped in a task (``asyncio.ensure_future``): its traceback holds only asyncio's
-    ``_wrap_awaitable`` frame, and the error is tensorstore's, which names its ``tensorstore_spec``.
-    Only orbax reaches tensorstore in a training process."""
+    (an open, a read) that orbax handed to asyncio, which wrapped it in a task: its traceback holds
+    only asyncio's own frames (``_wrap_awaitable``) and the error is a C++ status ("OUT_OF_RANGE:
+    ..."). Only orbax reaches tensorstore in a training process; a user's coroutine that fails has
+    a frame of its own in the traceback, and still prints."""
     if "exception was never retrieved" not in message or not record.exc_info:
         return False
-    if "[tensorstore_spec=" in str(record.exc_info[1]):
-        return True
+    frames = []
     tb = record.exc_info[2]
     while tb is not None:
-        if "orbax" in tb.tb_frame.f_code.co_filename:
-            return True
+        frames.append(tb.tb_frame.f_code.co_filename)
         tb = tb.tb_next
-    return False
+    if any("orbax" in f for f in frames):
+        return True
+    asyncio_dir = os.path.dirname(asyncio.__file__)
+    return (bool(frames) and all(os.path.dirname(f) == asyncio_dir for f in frames)
+            and bool(_STATUS_PREFIX.match(str(record.exc_info[1]))))
 
 
 def _is_background_noise(unraisable) -> bool:

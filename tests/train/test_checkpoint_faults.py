@@ -218,24 +218,38 @@ def test_abandoned_orbax_task_errors_print_nothing_but_others_still_do():
     """asyncio logs "Task exception was never retrieved" (with a traceback) when the garbage
     collector meets a failed task nobody awaited — what orbax leaves after a failed checkpoint
     read, at a moment that depends on GC timing. The filter drops those whose traceback runs
-    through orbax, and those of a tensorstore read orbax wrapped in a task (a real tensorstore
-    open of a corrupt zarr array: the traceback then holds only asyncio's frame, the shape that
-    reached a CI run's stderr once), and nothing else: a user's own abandoned task still prints."""
+    through orbax, and those of real tensorstore futures (the open of a corrupt zarr array, the
+    read of a truncated chunk) wrapped in tasks, whose tracebacks hold only asyncio's frames — the
+    shape that reached a CI run's stderr once. Nothing else: a user's own abandoned coroutine, and
+    a user's own abandoned future, still print."""
     code = r'''
 import asyncio, gc, os, sys, tempfile
+import numpy as np
 import tensorstore as ts
 from contrastive_jax.train.checkpoint import quiet_background_failures
 quiet_background_failures()
-array = tempfile.mkdtemp()
-with open(os.path.join(array, ".zarray"), "w") as fh:
+corrupt, cut = tempfile.mkdtemp(), tempfile.mkdtemp()
+with open(os.path.join(corrupt, ".zarray"), "w") as fh:
     fh.write("cut in half by a crash")
-async def abandon_tensorstore_read():
-    task = asyncio.ensure_future(ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": array}}))
+spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": cut}}
+ts.open({**spec, "metadata": {"shape": [1000], "chunks": [1000], "dtype": "<f4", "compressor": {"id": "zstd"}}},
+        create=True).result().write(np.random.default_rng(0).random(1000, np.float32)).result()
+opened = ts.open(spec).result()
+with open(os.path.join(cut, "0"), "r+b") as fh:
+    fh.truncate(os.path.getsize(fh.name) // 2)
+async def abandon(awaitable, expected):
+    task = asyncio.ensure_future(awaitable)
     await asyncio.wait([task])
-    assert "tensorstore_spec" in str(task._exception)  # failed, and nobody retrieved it
+    assert expected in str(task._exception), task._exception  # failed, and nobody retrieved it
     del task
     gc.collect()
-asyncio.run(abandon_tensorstore_read())
+async def abandon_all():
+    await abandon(ts.open({"driver": "zarr", "kvstore": {"driver": "file", "path": corrupt}}), "tensorstore_spec")
+    await abandon(opened.read(), "FAILED_PRECONDITION: ")
+    users = asyncio.get_running_loop().create_future()
+    users.set_exception(ValueError("the user's own future"))
+    await abandon(users, "the user's own future")
+asyncio.run(abandon_all())
 src = "async def read():\n    raise ValueError('OUT_OF_RANGE: byte range not valid')\n"
 for where in ("/site-packages/orbax/checkpoint/_src/serialization/fake.py", "/home/user/mine.py"):
     ns = {}
@@ -250,5 +264,6 @@ print("done", file=sys.stderr)
 '''
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.count("exception was never retrieved") == 1, proc.stderr
-    assert "mine.py" in proc.stderr and "orbax" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("exception was never retrieved") == 2, proc.stderr
+    assert "mine.py" in proc.stderr and "the user's own future" in proc.stderr, proc.stderr
+    assert "orbax" not in proc.stderr and "tensorstore" not in proc.stderr and "zstd" not in proc.stderr.lower(), proc.stderr
