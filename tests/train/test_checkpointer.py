@@ -1,7 +1,5 @@
 """How the Checkpointer writes replicated arrays on 8 devices: small ones whole by one replica,
 large ones split among the replicas (orbax's replica-parallel save), both restored bitwise."""
-import logging
-
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -11,30 +9,17 @@ from jax.sharding import PartitionSpec as P
 from contrastive_jax.train.checkpoint import MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL, Checkpointer, state_type_handlers
 
 
-class _Messages(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
-def _slice_compiles(save):
-    """Shapes of the arrays ``save()`` compiled a ``jit(slice)`` for (one entry per compile)."""
-    handler = _Messages()
-    logger = logging.getLogger("jax")
-    logger.addHandler(handler)
-    try:
-        with jax.log_compiles(True):
-            save()
-    finally:
-        logger.removeHandler(handler)
-    return [m.split("ShapedArray(", 1)[1].split(")", 1)[0] for m in handler.messages
-            if m.startswith("Compiling jit(slice)")]
+def _slice_compiles(caplog, save):
+    """Shapes of the arrays ``save()`` compiled a ``jit(slice)`` for (one entry per compile), read
+    from jax's compile log."""
+    caplog.clear()
+    with jax.log_compiles(True):
+        save()
+    return [r.getMessage().split("ShapedArray(", 1)[1].split(")", 1)[0] for r in caplog.records
+            if r.getMessage().startswith("Compiling jit(slice)")]
 
 
-def test_small_replicated_arrays_are_written_whole_large_ones_split(tmp_path):
+def test_small_replicated_arrays_are_written_whole_large_ones_split(tmp_path, caplog):
     replicated = NamedSharding(jax.make_mesh((8,), ("data",)), P())
     # 1 KiB (slices of 128 B) and 8 MiB (slices of 1 MiB: at the threshold, so split).
     big_rows = MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL * 8 // (4 * 512)
@@ -43,11 +28,11 @@ def test_small_replicated_arrays_are_written_whole_large_ones_split(tmp_path):
     state = {"small": small, "big": big}
 
     ckpt = Checkpointer(str(tmp_path / "ckpt"), every_steps=1, keep=1, async_save=False)
-    compiled = _slice_compiles(lambda: ckpt.save(1, state, {"position": 3}))
+    compiled = _slice_compiles(caplog, lambda: ckpt.save(1, state, {"position": 3}))
     assert compiled.count(f"float32[{big_rows},512]") == 8, compiled  # one slice per replica
     assert "float32[16,16]" not in compiled, compiled
     # orbax's default handler splits the small array too: 8 programs compiled to write 1 KiB.
-    default = _slice_compiles(lambda: ocp.StandardCheckpointer().save(tmp_path / "default", {"small": small}))
+    default = _slice_compiles(caplog, lambda: ocp.StandardCheckpointer().save(tmp_path / "default", {"small": small}))
     assert default.count("float32[16,16]") == 8, default
 
     restored, data = ckpt.restore(1, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state),
